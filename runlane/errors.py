@@ -1,0 +1,119 @@
+"""The one error tree. Every public error derives from :class:`RunlaneError`::
+
+    RunlaneError
+     ├── JobNotFound
+     ├── InvalidArguments
+     ├── InvalidSchedule
+     ├── RunConflict              .existing_run_id
+     ├── RunNotFound              .run_id
+     ├── RunFailed                .run, .error
+     │    └── RunCancelled
+     ├── JobTimeout
+     ├── NonRetryable             raised by job code to fail a run at once
+     ├── StoreUnavailable         driver errors kept as __cause__
+     │    └── SchemaOutdated
+     └── BatchFailed              also an ExceptionGroup of RunFailed
+
+A docstring reads "Raised when …" and doubles as the default message.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runlane.models import ErrorInfo, Run
+
+
+class RunlaneError(Exception):
+    """Raised when Runlane cannot do what was asked."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class JobNotFound(RunlaneError):
+    """Raised when a job name is neither defined locally nor recorded in the job catalogue."""
+
+    def __init__(self, job: str, message: str | None = None) -> None:
+        self.job = job
+        super().__init__(
+            message
+            or f"unknown job {job!r}: it is not defined in this process and no worker has registered it "
+            "(start a worker or run `runlane migrate app_module:app`)"
+        )
+
+
+class InvalidArguments(RunlaneError):
+    """Raised when a run's arguments do not match its job's parameters."""
+
+
+class InvalidSchedule(RunlaneError):
+    """Raised when a cron expression, timezone or schedule option is invalid."""
+
+
+class RunConflict(RunlaneError):
+    """Raised when a non-terminal run with the same dedup id already exists."""
+
+    def __init__(self, dedup_id: str, existing_run_id: int) -> None:
+        self.dedup_id = dedup_id
+        self.existing_run_id = existing_run_id
+        super().__init__(f"a run with dedup id {dedup_id!r} is already active: run {existing_run_id}")
+
+
+class RunNotFound(RunlaneError):
+    """Raised when no run has the given id."""
+
+    def __init__(self, run_id: int) -> None:
+        self.run_id = run_id
+        super().__init__(f"run {run_id} not found")
+
+
+class RunFailed(RunlaneError):
+    """Raised when a run ended failed and its result was asked for."""
+
+    def __init__(self, run: Run, message: str | None = None) -> None:
+        self.run = run
+        self.error: ErrorInfo | None = run.error
+        super().__init__(message or f"run {run.id} ({run.job}) {run.status.value}: {run.error or 'no error'}")
+
+
+class RunCancelled(RunFailed):
+    """Raised when a run ended cancelled and its result was asked for."""
+
+
+class JobTimeout(RunlaneError):
+    """Raised when an attempt runs longer than its job's timeout."""
+
+
+class NonRetryable(RunlaneError):
+    """Raised by job code to fail the run at once, without further attempts."""
+
+
+class StoreUnavailable(RunlaneError):
+    """Raised when the store cannot be reached or used."""
+
+
+class SchemaOutdated(StoreUnavailable):
+    """Raised when the store's schema is older than this version of Runlane; run `runlane migrate`."""
+
+
+class BatchFailed(RunlaneError, ExceptionGroup[RunFailed]):  # type: ignore[misc]
+    """Raised when one or more children of a batch failed, after all of them finished."""
+
+    def __new__(cls, message: str, exceptions: Any) -> BatchFailed:
+        return super().__new__(cls, message, exceptions)
+
+    def __init__(self, message: str, exceptions: Any) -> None:
+        Exception.__init__(self, message, exceptions)
+
+    def derive(self, excs: Any) -> BatchFailed:
+        return BatchFailed(self.message, excs)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])

@@ -1,0 +1,285 @@
+"""The store seam: domain verbs that every backend implements with its own SQL.
+
+Policy (validation, retry decisions, limits parsing) stays above this line; only implementations know SQL.
+Every state change a worker makes is compare-and-swap on ``(run id, attempt, lease owner)`` so that a stale
+worker can never overwrite a run that was reclaimed, cancelled or released. Status changes, their events and
+(later) batch counters are written in one transaction.
+
+Contract shared by all implementations (the store contract tests pin it):
+
+* Times are epoch seconds (float) at this seam and measured by the store's own clock (``now()``), so that
+  one database host decides what "due" and "expired" mean for every worker.
+* A run's first status is the one it is created with (``scheduled`` when ``not_before`` is in the future,
+  else ``pending``). Every later status change appends a ``status`` event whose data is
+  ``{"from": old, "to": new, "attempt": n, "reason": str | None}``; event ids increase per run from 1.
+* ``due_at`` (internal) is when a run becomes claimable: ``not_before`` or creation time, then the backoff
+  time while ``retrying``. Claim order is priority (higher first), then due time, then id.
+* Error values are :class:`ErrorInfo`; the reasons the store itself writes use these types:
+  ``WorkerLost`` (lease expired), ``Expired`` (``not_after`` passed before start), ``Cancelled`` (by a user
+  or by cascade; the message says which).
+* Connection failures raise :class:`~runlane.errors.StoreUnavailable` with the driver error as ``__cause__``;
+  an outdated schema raises :class:`~runlane.errors.SchemaOutdated`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from runlane.models import Attempt, ErrorInfo, Event, EventKind, JobInfo, Run, RunFilter
+from runlane.store.notify import Notifier
+
+ConflictPolicy = Literal["raise", "return_existing"]
+FinishOutcome = Literal["succeeded", "failed", "retrying"]
+
+WORKER_LOST = "WorkerLost"
+EXPIRED = "Expired"
+CANCELLED = "Cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run to insert. ``args`` is already validated and JSON-safe."""
+
+    job: str
+    args: dict[str, Any]
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 3
+    not_before: float | None = None
+    not_after: float | None = None
+    dedup_id: str | None = None
+    tags: tuple[str, ...] = ()
+    parent_run_id: int | None = None
+    batch_id: int | None = None
+    schedule_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What a worker holds: one attempt of one run. Writes under a lease are fenced by it."""
+
+    run_id: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """An event to append. ``attempt`` set: written only while that attempt still holds the run (fenced);
+    ``attempt`` None: a client-side event (an input item), written while the run is not terminal."""
+
+    run_id: int
+    kind: EventKind
+    data: Any
+    attempt: int | None = None
+    at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The end of an attempt, as the worker decided it.
+
+    ``succeeded`` stores ``result``; ``failed`` ends the run (the dead-letter set) with ``error``;
+    ``retrying`` records ``error`` on the attempt and makes the run due again ``retry_delay`` seconds from
+    the store's now. ``events`` (progress, log, output still buffered by the job) are appended first, in
+    the same transaction, under the same fence.
+    """
+
+    run_id: int
+    attempt: int
+    outcome: FinishOutcome
+    result: Any = None
+    error: ErrorInfo | None = None
+    retry_delay: float = 0.0
+    events: tuple[EventDraft, ...] = ()
+
+
+class Store(abc.ABC):
+    """One store per app and process, usable from any thread and any event loop."""
+
+    url: str
+    notifier: Notifier
+
+    # -- lifecycle and schema -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect. Idempotent. Does not migrate; raises StoreUnavailable if the store cannot be reached."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations in order (each in its own transaction); return the versions applied.
+        Safe to run concurrently from several processes and while old workers run (additive migrations)."""
+
+    @abc.abstractmethod
+    async def schema_version(self) -> tuple[int, int]:
+        """(version applied in the store, latest version this code knows); 0 for an empty store."""
+
+    async def check_schema(self) -> None:
+        """Raise SchemaOutdated unless the store's schema is the latest this code knows."""
+        from runlane.errors import SchemaOutdated
+
+        current, latest = await self.schema_version()
+        if current < latest:
+            raise SchemaOutdated(
+                f"the store at {self.display_url} has schema version {current} but this Runlane needs "
+                f"{latest}: run `runlane migrate` first"
+            )
+        if current > latest:
+            raise SchemaOutdated(
+                f"the store at {self.display_url} has schema version {current}, newer than this Runlane "
+                f"knows ({latest}): upgrade runlane"
+            )
+
+    @property
+    def display_url(self) -> str:
+        """The URL without a password, for messages."""
+        return self.url
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """The store's clock, epoch seconds (an injected clock in tests)."""
+
+    # -- job catalogue and workers --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def register_jobs(self, jobs: Sequence[JobInfo]) -> None:
+        """Insert or update catalogue entries by name."""
+
+    @abc.abstractmethod
+    async def get_job(self, name: str) -> JobInfo | None: ...
+
+    @abc.abstractmethod
+    async def register_worker(self, worker_id: str, info: dict[str, Any]) -> None:
+        """Record a live worker (host, pid, queues, concurrency) for operators and the dashboard."""
+
+    @abc.abstractmethod
+    async def deregister_worker(self, worker_id: str) -> None: ...
+
+    # -- triggering and reading -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def insert_runs(self, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise") -> list[Run]:
+        """Insert runs in one transaction and return them in input order.
+
+        A ``dedup_id`` shared with a non-terminal run (or with an earlier item of the same call) conflicts:
+        ``raise`` raises RunConflict and inserts nothing; ``return_existing`` returns the existing run in that
+        position. ``parent_run_id`` must exist (else RunNotFound, nothing inserted); ``root_run_id`` is the
+        parent's root, or the run's own id. Wakes ``work`` when a run is pending.
+        """
+
+    @abc.abstractmethod
+    async def get_run(self, run_id: int) -> Run | None: ...
+
+    @abc.abstractmethod
+    async def get_runs(self, run_ids: Sequence[int]) -> list[Run]:
+        """The runs that exist among ``run_ids``, in no particular order."""
+
+    @abc.abstractmethod
+    async def list_runs(self, filter: RunFilter, *, limit: int = 100, before_id: int | None = None) -> list[Run]:
+        """Newest first (id descending), ids below ``before_id`` when given: keyset pagination."""
+
+    @abc.abstractmethod
+    async def attempts(self, run_id: int) -> list[Attempt]:
+        """A run's attempts, oldest first."""
+
+    @abc.abstractmethod
+    async def events(self, run_id: int, *, since: int | None = None, limit: int = 1000) -> list[Event]:
+        """A run's events with id greater than ``since``, oldest first."""
+
+    @abc.abstractmethod
+    async def append_events(self, events: Sequence[EventDraft], *, worker_id: str | None = None) -> set[int]:
+        """Append events; return the run ids whose events were refused.
+
+        Fenced drafts (``attempt`` set) are refused unless the run is ``running`` under that attempt and
+        ``worker_id``. Unfenced drafts are refused when the run is terminal or missing. A ``progress`` event
+        (data ``{"percent": float | None, "message": str | None}``) also sets the run's progress fields.
+        """
+
+    # -- user actions ---------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def cancel_runs(self, run_ids: Sequence[int], *, reason: str = "cancelled by user") -> list[int]:
+        """Cancel the non-terminal runs among ``run_ids`` and all their non-terminal descendants, in one
+        transaction; return the ids cancelled. A running attempt is marked cancelled and its worker is told
+        through the ``cancel`` topic; its later writes are fenced off. Error type ``Cancelled``."""
+
+    @abc.abstractmethod
+    async def retry_run(self, run_id: int) -> bool:
+        """A failed or cancelled run back to ``pending`` under the same id, allowed one more attempt even
+        when ``max_attempts`` was reached; False for any other status. RunNotFound when missing; RunConflict
+        when its dedup id is now held by another active run."""
+
+    # -- worker verbs ------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim(
+        self,
+        worker_id: str,
+        *,
+        queues: Sequence[str],
+        jobs: Sequence[str],
+        limit: int,
+        lease_timeout: float,
+    ) -> list[Run]:
+        """Claim up to ``limit`` due runs of ``jobs`` in ``queues`` in one transaction.
+
+        First promotes ``scheduled`` and ``retrying`` runs whose due time has come to ``pending``. Never
+        claims a run before its due time or after its ``not_after``. Each claimed run becomes ``running``
+        with ``attempt + 1``, an attempt row, ``worker_id`` and a lease until now + ``lease_timeout``.
+        """
+
+    @abc.abstractmethod
+    def heartbeat_blocking(self, worker_id: str, leases: Sequence[Lease], lease_timeout: float) -> set[int]:
+        """Extend the leases still held; return the run ids still held (the rest were lost: cancelled,
+        reclaimed or released). Blocking and callable from any thread, so that a heartbeat thread keeps
+        leases alive even while a job blocks the worker's event loop. Also marks the worker as seen."""
+
+    @abc.abstractmethod
+    async def held_leases(self, worker_id: str, leases: Sequence[Lease]) -> set[int]:
+        """Read-only: the run ids among ``leases`` that ``worker_id`` still holds."""
+
+    @abc.abstractmethod
+    async def finish_attempts(self, finishes: Sequence[Finish], *, worker_id: str) -> list[bool]:
+        """Apply each attempt's end under its fence; True where it took effect, False where the run was no
+        longer this attempt's (its events are then dropped too). One transaction for the batch."""
+
+    @abc.abstractmethod
+    async def release_runs(self, leases: Sequence[Lease], *, worker_id: str) -> list[int]:
+        """Give runs back without consuming an attempt (graceful shutdown): ``running`` to ``pending``,
+        attempt number restored, the attempt row removed. Returns the run ids released."""
+
+    @abc.abstractmethod
+    async def reap_expired_leases(self) -> list[int]:
+        """Reclaim running runs whose lease has expired: the attempt becomes ``failed`` with a ``WorkerLost``
+        error, the run ``pending`` again if attempts remain, else ``failed``. Returns the run ids reaped."""
+
+    @abc.abstractmethod
+    async def expire_runs(self) -> list[int]:
+        """Cancel not-yet-started runs whose ``not_after`` has passed (error type ``Expired``)."""
+
+    @abc.abstractmethod
+    async def next_due_at(self, *, queues: Sequence[str], jobs: Sequence[str]) -> float | None:
+        """When the earliest waiting (``scheduled`` or ``retrying``) run becomes due, so that an idle worker
+        can sleep exactly until then."""
+
+    # -- housekeeping -------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def prune(self, older_than: float) -> int:
+        """Delete terminal runs finished before ``older_than`` with their attempts and events, except runs
+        with a non-terminal descendant. Returns how many runs were deleted."""
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``scheme://rest`` → (scheme, rest); the scheme picks the store implementation."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a store URL: {url!r} (expected sqlite:///path.db or postgresql://…)")
+    return scheme.lower(), rest

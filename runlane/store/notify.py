@@ -1,0 +1,62 @@
+"""Wake-ups: payload-free "something changed" signals that let idle loops react at once.
+
+A notification only shortens a wait; nothing relies on it for correctness, so every waiter also has a timeout
+(the poll interval) and re-reads the store. Generations avoid the lost-wake-up race: a waiter snapshots the
+generation *before* it reads the store and waits only if nothing was signalled since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Literal
+
+Topic = Literal["work", "change", "cancel"]
+TOPICS: tuple[Topic, ...] = ("work", "change", "cancel")
+"""``work``: runs may have become claimable. ``change``: some run changed status or got events.
+``cancel``: some running run was cancelled, so workers should check the leases they hold."""
+
+
+class Notifier:
+    """Thread-safe and loop-agnostic: any thread may notify; waiters on any event loop are woken."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation: dict[Topic, int] = dict.fromkeys(TOPICS, 0)
+        self._waiters: dict[Topic, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {
+            t: set() for t in TOPICS
+        }
+
+    def generation(self, topic: Topic) -> int:
+        return self._generation[topic]
+
+    def notify(self, *topics: Topic) -> None:
+        woken: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        with self._lock:
+            for topic in topics:
+                self._generation[topic] += 1
+                woken.extend(self._waiters[topic])
+                self._waiters[topic].clear()
+        for loop, event in woken:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed; its waiter is gone with it
+                pass
+
+    async def wait(self, topic: Topic, since: int, timeout: float | None) -> bool:
+        """Wait until ``topic`` moves past generation ``since``; ``False`` on timeout."""
+        event = asyncio.Event()
+        entry = (asyncio.get_running_loop(), event)
+        with self._lock:
+            if self._generation[topic] != since:
+                return True
+            self._waiters[topic].add(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._lock:
+                self._waiters[topic].discard(entry)
