@@ -19,7 +19,8 @@ A docstring reads "Raised when …" and doubles as the default message.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from runlane.models import ErrorInfo, Run
@@ -102,18 +103,8 @@ class SchemaOutdated(StoreUnavailable):
     """Raised when the store's schema is older than this version of Runlane; run `runlane migrate`."""
 
 
-class BatchFailed(RunlaneError, ExceptionGroup[RunFailed]):  # type: ignore[misc]
+class BatchFailed(ExceptionGroup[RunFailed], RunlaneError):
     """Raised when one or more children of a batch failed, after all of them finished."""
 
-    def __new__(cls, message: str, exceptions: Any) -> BatchFailed:
-        return super().__new__(cls, message, exceptions)
-
-    def __init__(self, message: str, exceptions: Any) -> None:
-        Exception.__init__(self, message, exceptions)
-
-    def derive(self, excs: Any) -> BatchFailed:
+    def derive(self, excs: Sequence[RunFailed]) -> BatchFailed:  # type: ignore[override]
         return BatchFailed(self.message, excs)
-
-    @property
-    def message(self) -> str:
-        return str(self.args[0])

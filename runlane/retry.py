@@ -50,18 +50,15 @@ class Retry:
             return True
         return isinstance(exc, self.on)
 
-    def next_attempt_at(
-        self,
-        exc: BaseException,
-        attempt: int,
-        max_attempts: int,
-        now: float,
-        rng: random.Random | None = None,
+    def next_delay(
+        self, exc: BaseException, attempt: int, max_attempts: int, rng: random.Random | None = None
     ) -> float | None:
-        """When to run the next attempt after ``attempt`` failed with ``exc``; ``None`` means give up."""
+        """Seconds to wait before the next attempt after ``attempt`` failed with ``exc``; None: give up.
+
+        ``max_attempts`` comes from the run (a trigger may override the job's ``attempts``)."""
         if attempt >= max_attempts or not self.is_retryable(exc):
             return None
-        return now + self.delay(attempt, rng)
+        return self.delay(attempt, rng)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -37,4 +37,6 @@ def create_store(url: str, *, clock: Callable[[], float] | None = None, **option
                 "PostgreSQL support needs psycopg 3: pip install 'runlane[postgres]'"
             ) from exc
         return PostgresStore(url, clock=clock, **options)
-    raise StoreUnavailable(f"unsupported store URL scheme {scheme!r} in {url!r}: use sqlite:// or postgresql://")
+    raise StoreUnavailable(
+        f"unsupported store URL scheme {scheme!r} in {url!r}: use sqlite:// or postgresql://"
+    )

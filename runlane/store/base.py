@@ -165,7 +165,9 @@ class Store(abc.ABC):
     # -- triggering and reading -------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def insert_runs(self, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise") -> list[Run]:
+    async def insert_runs(
+        self, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
+    ) -> list[Run]:
         """Insert runs in one transaction and return them in input order.
 
         A ``dedup_id`` shared with a non-terminal run (or with an earlier item of the same call) conflicts:
@@ -182,7 +184,9 @@ class Store(abc.ABC):
         """The runs that exist among ``run_ids``, in no particular order."""
 
     @abc.abstractmethod
-    async def list_runs(self, filter: RunFilter, *, limit: int = 100, before_id: int | None = None) -> list[Run]:
+    async def list_runs(
+        self, filter: RunFilter, *, limit: int = 100, before_id: int | None = None
+    ) -> list[Run]:
         """Newest first (id descending), ids below ``before_id`` when given: keyset pagination."""
 
     @abc.abstractmethod

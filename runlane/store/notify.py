@@ -43,9 +43,17 @@ class Notifier:
             except RuntimeError:  # that loop is closed; its waiter is gone with it
                 pass
 
-    async def wait(self, topic: Topic, since: int, timeout: float | None) -> bool:
-        """Wait until ``topic`` moves past generation ``since``; ``False`` on timeout."""
-        event = asyncio.Event()
+    async def wait(
+        self, topic: Topic, since: int, timeout: float | None, *, event: asyncio.Event | None = None
+    ) -> bool:
+        """Wait until ``topic`` moves past generation ``since``; ``False`` on timeout.
+
+        A caller may pass its own ``event`` so that a local kick (a freed slot, a new waiter) ends the same
+        wait; it should clear that event before it snapshots the generation for the next round.
+        """
+        event = event if event is not None else asyncio.Event()
+        if event.is_set():
+            return True
         entry = (asyncio.get_running_loop(), event)
         with self._lock:
             if self._generation[topic] != since:

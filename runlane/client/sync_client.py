@@ -1,0 +1,105 @@
+"""The blocking client: the same methods as ``AsyncClient``, each forwarded to it on a portal loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from runlane.models import Attempt, Event, Run, RunFilter
+from runlane.store.base import ConflictPolicy
+
+from .async_client import AsyncClient, JobRef, When
+from .portal import Portal
+
+if TYPE_CHECKING:
+    from runlane.app import Runlane
+
+
+class Client:
+    """For Django views, scripts and threads. Owns one background loop thread, shared by its children."""
+
+    def __init__(self, app: Runlane, *, parent_run_id: int | None = None, portal: Portal | None = None):
+        self.app = app
+        self.portal = portal or Portal()
+        self._owns_portal = portal is None
+        self.async_client = AsyncClient(app, parent_run_id=parent_run_id)
+
+    def with_parent(self, parent_run_id: int) -> Client:
+        return Client(self.app, parent_run_id=parent_run_id, portal=self.portal)
+
+    def trigger(
+        self,
+        job: JobRef,
+        args: Mapping[str, Any] | None = None,
+        *,
+        not_before: When = None,
+        not_after: When = None,
+        priority: int | None = None,
+        dedup_id: str | None = None,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        tags: Iterable[str] | None = None,
+        on_conflict: ConflictPolicy = "raise",
+    ) -> Run:
+        return self.portal.call(
+            self.async_client.trigger(
+                job,
+                args,
+                not_before=not_before,
+                not_after=not_after,
+                priority=priority,
+                dedup_id=dedup_id,
+                queue=queue,
+                max_attempts=max_attempts,
+                tags=tags,
+                on_conflict=on_conflict,
+            )
+        )
+
+    def trigger_many(
+        self, job: JobRef, args_list: Sequence[Mapping[str, Any] | None], **options: Any
+    ) -> list[Run]:
+        return self.portal.call(self.async_client.trigger_many(job, args_list, **options))
+
+    def run(self, job: JobRef, args: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        return self.portal.call(self.async_client.run(job, args, **options))
+
+    def wait(self, run_id: int, timeout: float | None = None) -> Run:
+        return self.portal.call(self.async_client.wait(run_id, timeout))
+
+    def result(self, run_id: int, timeout: float | None = None) -> Any:
+        return self.portal.call(self.async_client.result(run_id, timeout))
+
+    def events(self, run_id: int, since: int | None = None) -> Iterator[Event]:
+        return self.portal.iterate(self.async_client.events(run_id, since))
+
+    def cancel(self, run_id: int) -> bool:
+        return self.portal.call(self.async_client.cancel(run_id))
+
+    def retry(self, run_id: int) -> bool:
+        return self.portal.call(self.async_client.retry(run_id))
+
+    def rerun(self, run_id: int) -> Run:
+        return self.portal.call(self.async_client.rerun(run_id))
+
+    def get_run(self, run_id: int) -> Run | None:
+        return self.portal.call(self.async_client.get_run(run_id))
+
+    def list_runs(self, filter: RunFilter | None = None, limit: int | None = 100) -> Iterator[Run]:
+        return self.portal.iterate(self.async_client.list_runs(filter, limit))
+
+    def attempts(self, run_id: int) -> list[Attempt]:
+        return self.portal.call(self.async_client.attempts(run_id))
+
+    def close(self) -> None:
+        """Stop this client's loop thread (the app's store stays open for others)."""
+        if self._owns_portal and self.portal._loop is not None:
+            self.portal.call(self.async_client.aclose())
+        if self._owns_portal:
+            self.portal.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

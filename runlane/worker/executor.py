@@ -1,0 +1,115 @@
+"""One attempt: decode arguments, call the job (async on the loop, sync on a thread), bound it by its
+timeout, and turn what happened into a ``Finish`` for the store — or nothing, when the attempt no longer
+owns its run and must not write."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import traceback
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from runlane.errors import InvalidArguments, JobTimeout, NonRetryable
+from runlane.models import ErrorInfo
+from runlane.serialization import NotSerializable, to_jsonable
+from runlane.store import Finish
+
+if TYPE_CHECKING:
+    from runlane.context import JobContext
+    from runlane.jobs import Job
+    from runlane.worker.worker import ActiveAttempt
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(
+        type=type(exc).__name__,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+    )
+
+
+async def _drain_async_stream(stream: AsyncIterator[Any], ctx: JobContext) -> int:
+    count = 0
+    async for item in stream:
+        ctx.output(item)
+        count += 1
+    return count
+
+
+def _drain_stream(stream: Iterator[Any], ctx: JobContext) -> int:
+    count = 0
+    for item in stream:
+        ctx.output(item)
+        count += 1
+    return count
+
+
+def _start_body(
+    job: Job[Any, Any], kwargs: dict[str, Any], ctx: JobContext, pool: ThreadPoolExecutor
+) -> asyncio.Future[Any]:
+    loop = asyncio.get_running_loop()
+    if job.is_async_generator:
+        return asyncio.ensure_future(_drain_async_stream(job.func(**kwargs), ctx))
+    if job.is_async:
+        coro: Coroutine[Any, Any, Any] = job.func(**kwargs)
+        return asyncio.ensure_future(coro)
+    if job.is_generator:
+
+        def call() -> Any:
+            return _drain_stream(job.func(**kwargs), ctx)
+
+    else:
+        call = functools.partial(job.func, **kwargs)
+    # Run in a copy of the context so contextvars set by hooks reach sync jobs too.
+    return loop.run_in_executor(pool, contextvars.copy_context().run, call)
+
+
+async def execute_attempt(
+    job: Job[Any, Any], active: ActiveAttempt, pool: ThreadPoolExecutor
+) -> Finish | None:
+    run, ctx = active.run, active.ctx
+    try:
+        kwargs = job.load(run.args)
+    except InvalidArguments as exc:
+        return _failed(job, active, NonRetryable(str(exc)), error_info(exc))
+    if job.spec.context_param is not None:
+        kwargs[job.spec.context_param] = ctx
+    try:
+        body = active.body = _start_body(job, kwargs, ctx, pool)
+    except Exception as exc:  # the call itself raised before a coroutine existed (sync wrappers)
+        return _failed(job, active, exc, error_info(exc))
+    done, _ = await asyncio.wait({body}, timeout=job.options.timeout)
+    if not done:
+        ctx._cancel()
+        body.cancel()  # an async job is interrupted; a sync one only sees ctx.cancelled
+        timeout_error = JobTimeout(
+            f"attempt {run.attempt} of run {run.id} ({job.name}) exceeded {job.options.timeout} s"
+        )
+        if active.lost or active.released:
+            return None
+        return _failed(job, active, timeout_error, error_info(timeout_error))
+    if active.lost or active.released:
+        return None
+    if body.cancelled():  # the job cancelled itself: nobody asked, so it is a failure like any other
+        inner = asyncio.CancelledError(f"job {job.name!r} was cancelled from inside the attempt")
+        return _failed(job, active, inner, ErrorInfo("CancelledError", str(inner)))
+    raised = body.exception()
+    if raised is not None:
+        return _failed(job, active, raised, error_info(raised))
+    try:
+        result = to_jsonable(body.result())
+    except NotSerializable as not_json:
+        bad = NonRetryable(f"the result of job {job.name!r} is not JSON-serialisable: {not_json}")
+        return _failed(job, active, bad, ErrorInfo("NotSerializable", str(bad)))
+    return Finish(run.id, run.attempt, "succeeded", result=result)
+
+
+def _failed(job: Job[Any, Any], active: ActiveAttempt, exc: BaseException, error: ErrorInfo) -> Finish:
+    run = active.run
+    delay = job.options.retry.next_delay(exc, run.attempt, run.max_attempts)
+    if delay is None:
+        return Finish(run.id, run.attempt, "failed", error=error)
+    return Finish(run.id, run.attempt, "retrying", error=error, retry_delay=delay)

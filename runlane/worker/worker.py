@@ -1,0 +1,424 @@
+"""The worker: a claim loop plus supervised side tasks (heartbeat thread, maintenance, cancel watch,
+event flushing). Runs are claimed in batches sized to free slots and finished through a batcher, so a
+busy worker pays one store round trip for many runs in each direction."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from runlane.context import EventBuffer, JobContext
+from runlane.errors import RunlaneError, StoreUnavailable
+from runlane.models import Run
+from runlane.store import Finish, Lease, Store
+from runlane.worker.batcher import Batcher
+from runlane.worker.executor import execute_attempt
+from runlane.worker.heartbeat import Heartbeat
+from runlane.worker.signals import handle_stop_signals
+
+if TYPE_CHECKING:
+    from runlane.app import Runlane
+
+log = logging.getLogger("runlane.worker")
+
+_PRUNE_EVERY = 300.0
+
+
+@dataclass(eq=False)
+class ActiveAttempt:
+    run: Run
+    lease: Lease
+    ctx: JobContext
+    buffer: EventBuffer
+    task: asyncio.Task[None] | None = None
+    body: asyncio.Future[Any] | None = None
+    lost: bool = False  # the store no longer gives this attempt the run: write nothing more
+    released: bool = False  # handed back at shutdown
+
+
+class Worker:
+    """``await app.worker(...).run()`` or ``async with app.worker(...)`` (runs in the background)."""
+
+    def __init__(
+        self,
+        app: Runlane,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 16,
+        burst: bool = False,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("worker concurrency must be at least 1")
+        self.app = app
+        self.settings = app.settings
+        self.queues = list(queues) if queues else app.queues
+        self.concurrency = concurrency
+        self.burst = burst
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.processed = 0
+        self._active: dict[int, ActiveAttempt] = {}
+        self._stopping = False
+        self._hard_stop = False
+        self._kick: asyncio.Event | None = None
+        self._flush_kick: asyncio.Event | None = None
+        self._flush_lock: asyncio.Lock | None = None
+        self._crash: BaseException | None = None
+        self._store: Store | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._finisher: Batcher[Finish, bool] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._background: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} queues={self.queues} concurrency={self.concurrency}>"
+
+    @property
+    def job_names(self) -> list[str]:
+        return sorted(name for name, job in self.app.jobs.items() if job.queue in self.queues)
+
+    @property
+    def active_run_ids(self) -> list[int]:
+        return list(self._active)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    def stop(self, *, graceful: bool = True) -> None:
+        """Stop claiming and drain (graceful), or stop at once leaving leases to expire."""
+        self._stopping = True
+        if not graceful:
+            self._hard_stop = True
+            for active in self._active.values():
+                if active.task is not None:
+                    active.task.cancel()
+        if self._kick is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._kick.set)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self._stopping:
+            log.warning(
+                "second %s: stopping at once; unfinished runs return after their lease expires", sig.name
+            )
+            self.stop(graceful=False)
+        else:
+            log.info(
+                "%s: draining (up to %.0f s), then releasing unfinished runs",
+                sig.name,
+                self.settings.shutdown_timeout,
+            )
+            self.stop()
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        """Run until stopped (``burst``: until nothing is due and nothing runs)."""
+        if not self.app.jobs:
+            raise RunlaneError("the app defines no jobs: a worker needs at least one @app.job")
+        if not self.job_names:
+            raise RunlaneError(f"no job of this app uses the queues {self.queues}")
+        self._loop = asyncio.get_running_loop()
+        self._kick = asyncio.Event()
+        self._flush_kick = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        store = self._store = await self.app.open_store()
+        await store.register_jobs([job.info() for job in self.app.jobs.values()])
+        await store.register_worker(
+            self.id,
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queues": self.queues,
+                "jobs": self.job_names,
+                "concurrency": self.concurrency,
+            },
+        )
+        self._finisher = Batcher(lambda batch: store.finish_attempts(batch, worker_id=self.id))
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix=f"runlane-job-{self.id}"
+        )
+        self._heartbeat = Heartbeat(
+            store,
+            self.id,
+            lease_timeout=self.settings.lease_timeout,
+            interval=self.settings.effective_heartbeat_interval,
+            on_lost=self._lost_from_thread,
+        )
+        self._heartbeat.start()
+        side_tasks = [
+            asyncio.create_task(self._supervise(self._maintenance(store)), name="runlane-maintenance"),
+            asyncio.create_task(
+                self._supervise(self._watch_cancellations(store)), name="runlane-cancel-watch"
+            ),
+            asyncio.create_task(
+                self._supervise(self._flush_events_loop(store)), name="runlane-event-flusher"
+            ),
+        ]
+        self._started.set()
+        log.info(
+            "worker %s started: queues=%s jobs=%s concurrency=%d",
+            self.id,
+            self.queues,
+            self.job_names,
+            self.concurrency,
+        )
+        try:
+            if handle_signals:
+                with handle_stop_signals(self._on_signal):
+                    await self._claim_loop(store)
+                    await self._drain(store)
+            else:
+                await self._claim_loop(store)
+                await self._drain(store)
+        finally:
+            for task in side_tasks:
+                task.cancel()
+            await asyncio.gather(*side_tasks, return_exceptions=True)
+            self._heartbeat.stop()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                await store.deregister_worker(self.id)
+            except Exception as exc:  # the store may be the reason we are stopping
+                log.warning("could not deregister worker %s: %s", self.id, exc)
+            log.info("worker %s stopped after %d runs", self.id, self.processed)
+        if self._crash is not None:
+            raise self._crash
+
+    async def __aenter__(self) -> Worker:
+        self._background = asyncio.create_task(self.run(), name=f"runlane-worker-{self.id}")
+        started = asyncio.create_task(self._started.wait())
+        await asyncio.wait({self._background, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if self._background.done():
+            self._background.result()  # raises why it could not start
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._background is not None:
+            self.stop()
+            await self._background
+
+    async def _supervise(self, coro: Any) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.exception("worker %s: a side task died; stopping", self.id)
+            self._crash = exc
+            self.stop()
+
+    # -- claiming -------------------------------------------------------------------------------------------------
+
+    async def _claim_loop(self, store: Store) -> None:
+        assert self._kick is not None
+        notifier = store.notifier
+        jobs, queues = self.job_names, self.queues
+        lease_timeout, poll = self.settings.lease_timeout, self.settings.poll_interval
+        while not self._stopping:
+            free = self.concurrency - len(self._active)
+            if free <= 0:
+                self._kick.clear()
+                if self.concurrency - len(self._active) <= 0 and not self._stopping:
+                    await self._kick.wait()
+                continue
+            self._kick.clear()
+            generation = notifier.generation("work")
+            try:
+                runs = await store.claim(
+                    self.id, queues=queues, jobs=jobs, limit=free, lease_timeout=lease_timeout
+                )
+            except StoreUnavailable as exc:
+                log.warning("worker %s: claim failed, retrying in %.1f s: %s", self.id, poll, exc)
+                await notifier.wait("work", generation, poll, event=self._kick)
+                continue
+            for run in runs:
+                self._start(run)
+            if len(runs) == free:
+                await asyncio.sleep(0)  # let the attempts start before claiming more
+                continue
+            timeout = poll
+            if not self._active or self.burst:
+                next_due = await store.next_due_at(queues=queues, jobs=jobs)
+                if next_due is not None:
+                    timeout = min(timeout, max(next_due - store.now(), 0.0))
+                if self.burst and not runs and not self._active and (next_due is None or timeout >= poll):
+                    return
+            if timeout > 0:
+                await notifier.wait("work", generation, timeout, event=self._kick)
+
+    def _start(self, run: Run) -> None:
+        assert self._heartbeat is not None and self._flush_kick is not None and self._loop is not None
+        job = self.app.jobs[run.job]
+        buffer = EventBuffer(on_output=self._output_pending)
+        active = ActiveAttempt(
+            run, Lease(run.id, run.attempt), JobContext(self.app, run, buffer=buffer), buffer
+        )
+        self._active[run.id] = active
+        self._heartbeat.add(active.lease)
+        active.task = asyncio.create_task(self._execute(active, job), name=f"runlane-run-{run.id}")
+
+    def _output_pending(self) -> None:
+        """Called from any thread when a job emits an output: stream consumers should not wait a flush tick."""
+        if self._loop is not None and self._flush_kick is not None:
+            self._loop.call_soon_threadsafe(self._flush_kick.set)
+
+    async def _execute(self, active: ActiveAttempt, job: Any) -> None:
+        assert self._finisher is not None and self._flush_lock is not None and self._pool is not None
+        try:
+            outcome = await execute_attempt(job, active, self._pool)
+            if outcome is None or active.lost or active.released:
+                return
+            async with self._flush_lock:  # events of an in-flight flush must land before the end
+                events = tuple(active.buffer.drain())
+            finish = dataclasses.replace(outcome, events=events) if events else outcome
+            try:
+                if not await self._finisher.submit(finish):
+                    log.info(
+                        "run %s attempt %s: result not recorded (cancelled or reclaimed meanwhile)",
+                        active.run.id,
+                        active.run.attempt,
+                    )
+            except StoreUnavailable as exc:
+                # The lease will expire and the run will be retried elsewhere: at-least-once, never lost.
+                log.error(
+                    "run %s: could not record the end of attempt %s: %s",
+                    active.run.id,
+                    active.run.attempt,
+                    exc,
+                )
+            self.processed += 1
+        finally:
+            self._active.pop(active.run.id, None)
+            if self._heartbeat is not None:
+                self._heartbeat.remove(active.run.id)
+            if self._kick is not None:
+                self._kick.set()
+
+    # -- losing runs ------------------------------------------------------------------------------------------------
+
+    def _lost_from_thread(self, run_ids: set[int]) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._lose, run_ids)
+
+    def _lose(self, run_ids: set[int]) -> None:
+        """The store says these attempts no longer own their runs (cancelled, reclaimed): stop them."""
+        for run_id in run_ids:
+            active = self._active.get(run_id)
+            if active is None or active.lost:
+                continue
+            active.lost = True
+            active.ctx._cancel()
+            if active.body is not None and not active.body.done():
+                active.body.cancel()
+            log.info(
+                "run %s attempt %s: lease lost (cancelled or reclaimed); stopping it",
+                run_id,
+                active.run.attempt,
+            )
+
+    async def _watch_cancellations(self, store: Store) -> None:
+        notifier = store.notifier
+        while True:
+            generation = notifier.generation("cancel")
+            leases = [a.lease for a in self._active.values() if not a.lost]
+            if leases:
+                try:
+                    held = await store.held_leases(self.id, leases)
+                except StoreUnavailable as exc:
+                    log.warning("worker %s: cancellation check failed: %s", self.id, exc)
+                else:
+                    self._lose({lease.run_id for lease in leases} - held)
+            await notifier.wait("cancel", generation, self.settings.poll_interval)
+
+    # -- side tasks --------------------------------------------------------------------------------------------------
+
+    async def _flush_events_loop(self, store: Store) -> None:
+        assert self._flush_kick is not None
+        interval = self.settings.progress_flush_interval
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    await self._flush_kick.wait()
+            except TimeoutError:
+                pass
+            self._flush_kick.clear()
+            await self._flush_events(store)
+
+    async def _flush_events(self, store: Store) -> None:
+        assert self._flush_lock is not None
+        async with self._flush_lock:
+            drafts = [d for a in list(self._active.values()) if not a.lost for d in a.buffer.drain()]
+            if not drafts:
+                return
+            try:
+                refused = await store.append_events(drafts, worker_id=self.id)
+            except StoreUnavailable as exc:
+                log.warning("worker %s: could not write %d events: %s", self.id, len(drafts), exc)
+                return
+        if refused:
+            self._lose(refused)
+
+    async def _maintenance(self, store: Store) -> None:
+        """Every worker reaps and expires; the store's conditional updates make concurrent reapers safe."""
+        interval = self.settings.effective_reaper_interval
+        retention = self.settings.retention
+        last_prune = time.monotonic() - _PRUNE_EVERY * random.random()
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+            try:
+                reaped = await store.reap_expired_leases()
+                if reaped:
+                    log.warning("reclaimed %d runs whose worker was lost: %s", len(reaped), reaped[:20])
+                await store.expire_runs()
+                if retention is not None and time.monotonic() - last_prune >= _PRUNE_EVERY:
+                    last_prune = time.monotonic()
+                    await store.prune(store.now() - retention.total_seconds())
+            except StoreUnavailable as exc:
+                log.warning("worker %s: maintenance skipped: %s", self.id, exc)
+
+    # -- shutdown -------------------------------------------------------------------------------------------------------
+
+    async def _drain(self, store: Store) -> None:
+        """Let running attempts finish within ``shutdown_timeout``; hand the rest back without using an attempt."""
+        assert self._finisher is not None
+        if self._hard_stop:
+            return
+        tasks = [a.task for a in self._active.values() if a.task is not None]
+        if tasks:
+            log.info(
+                "worker %s: waiting up to %.1f s for %d running attempts",
+                self.id,
+                self.settings.shutdown_timeout,
+                len(tasks),
+            )
+            await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
+        unfinished = [a for a in self._active.values() if not a.lost]
+        if unfinished and not self._hard_stop:
+            for active in unfinished:
+                active.released = True
+                active.ctx._cancel()
+                if active.body is not None and not active.body.done():
+                    active.body.cancel()
+            try:
+                released = await store.release_runs([a.lease for a in unfinished], worker_id=self.id)
+                log.info("worker %s: released %d unfinished runs back to pending", self.id, len(released))
+            except StoreUnavailable as exc:
+                log.error(
+                    "worker %s: could not release runs (they return after lease expiry): %s", self.id, exc
+                )
+            remaining = [a.task for a in unfinished if a.task is not None]
+            if remaining:
+                await asyncio.wait(remaining, timeout=1.0)
+        await self._finisher.drain()
+        await self._flush_events(store)
