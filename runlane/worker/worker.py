@@ -155,6 +155,7 @@ class Worker:
             on_lost=self._lost_from_thread,
         )
         self._heartbeat.start()
+        await self._housekeep(store)  # runs orphaned while no worker was up come back before we claim
         side_tasks = [
             asyncio.create_task(self._supervise(self._maintenance(store)), name="runlane-maintenance"),
             asyncio.create_task(
@@ -253,6 +254,8 @@ class Worker:
                 if next_due is not None:
                     timeout = min(timeout, max(next_due - store.now(), 0.0))
                 if self.burst and not runs and not self._active and (next_due is None or timeout >= poll):
+                    if await self._housekeep(store):  # a dead worker's runs count as work to finish
+                        continue
                     return
             if timeout > 0:
                 await notifier.wait("work", generation, timeout, event=self._kick)
@@ -377,15 +380,20 @@ class Worker:
         while True:
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
             try:
-                reaped = await store.reap_expired_leases()
-                if reaped:
-                    log.warning("reclaimed %d runs whose worker was lost: %s", len(reaped), reaped[:20])
-                await store.expire_runs()
+                await self._housekeep(store)
                 if retention is not None and time.monotonic() - last_prune >= _PRUNE_EVERY:
                     last_prune = time.monotonic()
                     await store.prune(store.now() - retention.total_seconds())
             except StoreUnavailable as exc:
                 log.warning("worker %s: maintenance skipped: %s", self.id, exc)
+
+    async def _housekeep(self, store: Store) -> int:
+        """Reclaim runs of lost workers and expire runs past ``not_after``; how many runs changed."""
+        reaped = await store.reap_expired_leases()
+        if reaped:
+            log.warning("reclaimed %d runs whose worker was lost: %s", len(reaped), reaped[:20])
+        expired = await store.expire_runs()
+        return len(reaped) + len(expired)
 
     # -- shutdown -------------------------------------------------------------------------------------------------------
 

@@ -9,19 +9,6 @@ from runlane import Runlane, RunStatus
 from runlane.client import AsyncClient
 
 
-class FakeClock:
-    """A store clock that tests move by hand; starts at the real time so datetimes look sane."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def make_app(store_url: str) -> Callable[..., Runlane]:
     """Apps on the parametrized store; fast timings so reaping and polling stay quick in tests."""
