@@ -17,7 +17,9 @@ def test_every_cli_command_is_documented() -> None:
     from runlane.cli.main import cli
 
     for name in cli.commands:
-        assert f"runlane {name}" in README or f"`{name} ID`" in README, f"CLI command {name} is not in the README"
+        assert f"runlane {name}" in README or f"`{name} ID`" in README, (
+            f"CLI command {name} is not in the README"
+        )
 
 
 def test_readme_links_resolve() -> None:

@@ -1,0 +1,145 @@
+"""The SQLite writer thread (group commit, savepoints, blocking callers) and the wake-up channel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from runlane.errors import StoreUnavailable
+from runlane.store.notify import Topic
+from runlane.store.sqlite.connection import Tx, Writer, connect
+from runlane.store.sqlite.wakeup import WakeChannel, decode, encode, wake_dir
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> Iterator[tuple[Writer, list[str], list[set[Topic]]]]:
+    conn = connect(str(tmp_path / "w.db"), writer=True)
+    conn.execute("CREATE TABLE t (v INTEGER UNIQUE)")
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    signalled: list[set[Topic]] = []
+    w = Writer(conn, after_commit=signalled.append)
+    yield w, statements, signalled
+    w.close()
+    conn.close()
+
+
+def _insert(value: int) -> Callable[[Tx], int]:
+    def op(tx: Tx) -> int:
+        tx.conn.execute("INSERT INTO t (v) VALUES (?)", (value,))
+        tx.topics.add("change")
+        return value
+
+    return op
+
+
+async def test_queued_operations_commit_together_and_fail_alone(
+    writer: tuple[Writer, list[str], list[set[Topic]]],
+) -> None:
+    w, statements, signalled = writer
+    started, gate = threading.Event(), threading.Event()
+
+    def blocker(tx: Tx) -> str:
+        started.set()
+        gate.wait(30)
+        tx.topics.add("work")
+        return "first"
+
+    first = asyncio.ensure_future(w.run(blocker))
+    assert await asyncio.to_thread(started.wait, 30)
+    rest = [asyncio.ensure_future(w.run(_insert(v))) for v in (1, 2, 1, 3)]
+    await asyncio.sleep(0)
+    assert w._queue.qsize() == 4  # all four queued behind the blocker: they form the next group
+    gate.set()
+    assert await first == "first"
+    results = await asyncio.gather(*rest, return_exceptions=True)
+    assert results[:2] == [1, 2] and results[3] == 3
+    assert isinstance(results[2], sqlite3.IntegrityError)
+    assert [r[0] for r in w.conn.execute("SELECT v FROM t ORDER BY v")] == [1, 2, 3]
+    assert statements.count("BEGIN IMMEDIATE") == 2
+    assert statements.count("COMMIT") == 2
+    assert statements.count("ROLLBACK TO op") == 1
+    assert signalled == [{"work"}, {"change"}]
+
+
+async def test_a_failing_single_operation_rolls_back(
+    writer: tuple[Writer, list[str], list[set[Topic]]],
+) -> None:
+    w, _, signalled = writer
+
+    def fails(tx: Tx) -> None:
+        tx.conn.execute("INSERT INTO t (v) VALUES (7)")
+        tx.topics.add("work")
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        await w.run(fails)
+    assert w.conn.execute("SELECT count(*) FROM t").fetchone()[0] == 0
+    assert signalled == []
+
+
+def test_blocking_callers_from_plain_threads(writer: tuple[Writer, list[str], list[set[Topic]]]) -> None:
+    w, _, _ = writer
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda v=v: results.append(w.run_blocking(_insert(v)))) for v in range(10)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == list(range(10))
+
+
+def test_closed_writer_refuses_work(writer: tuple[Writer, list[str], list[set[Topic]]]) -> None:
+    w, _, _ = writer
+    w.close()
+    w.close()
+    with pytest.raises(StoreUnavailable):
+        w.run_blocking(_insert(1))
+
+
+# -- wake channel -------------------------------------------------------------------------------------------------
+
+
+def test_topics_encode_to_letters() -> None:
+    assert encode(["work", "cancel", "change"]) == b"cwx"
+    assert decode(b"cwx?") == {"work", "change", "cancel"}
+
+
+def test_wake_dir_is_next_to_the_database_unless_too_long(tmp_path: Path) -> None:
+    assert wake_dir("/srv/app/runlane.db") == "/srv/app/runlane.db.wake"
+    deep = wake_dir(str(tmp_path / ("d" * 120) / "x.db"))
+    assert len(deep) < 80
+    assert deep == wake_dir(str(tmp_path / ("d" * 120) / "x.db"))  # every process finds the same one
+
+
+async def test_channels_on_one_database_wake_each_other(tmp_path: Path) -> None:
+    got: list[set[Topic]] = []
+    received = threading.Event()
+
+    def on_topics(topics: set[Topic]) -> None:
+        got.append(topics)
+        received.set()
+
+    a = WakeChannel(str(tmp_path / "x.db"), on_topics)
+    b = WakeChannel(str(tmp_path / "x.db"), lambda topics: None)
+    assert a.start() and b.start()
+    try:
+        b.send({"work", "change"})
+        assert await asyncio.to_thread(received.wait, 10)
+        assert got == [{"work", "change"}]
+    finally:
+        a.close()
+        b.close()
+    assert not _exists(a.path) and not _exists(b.path)
