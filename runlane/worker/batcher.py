@@ -45,6 +45,10 @@ class Batcher(Generic[T, R]):
                 if not future.done():
                     future.set_result(result)
 
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending) or (self._task is not None and not self._task.done())
+
     async def drain(self) -> None:
         """Wait until everything submitted so far is written."""
         while self._task is not None and not self._task.done():

@@ -254,6 +254,10 @@ class Worker:
                 if next_due is not None:
                     timeout = min(timeout, max(next_due - store.now(), 0.0))
                 if self.burst and not runs and not self._active and (next_due is None or timeout >= poll):
+                    assert self._finisher is not None
+                    if self._finisher.busy:  # an unwritten end may be a retry that is due at once
+                        await self._finisher.drain()
+                        continue
                     if await self._housekeep(store):  # a dead worker's runs count as work to finish
                         continue
                     return
@@ -285,6 +289,9 @@ class Worker:
             async with self._flush_lock:  # events of an in-flight flush must land before the end
                 events = tuple(active.buffer.drain())
             finish = dataclasses.replace(outcome, events=events) if events else outcome
+            # Free the slot before the end is written, so that the next claim rides in the same store
+            # round trip as this finish; the store fences the finish, so a late one can do no harm.
+            self._free_slot(active)
             try:
                 if not await self._finisher.submit(finish):
                     log.info(
@@ -302,11 +309,15 @@ class Worker:
                 )
             self.processed += 1
         finally:
-            self._active.pop(active.run.id, None)
-            if self._heartbeat is not None:
-                self._heartbeat.remove(active.run.id)
-            if self._kick is not None:
-                self._kick.set()
+            self._free_slot(active)
+
+    def _free_slot(self, active: ActiveAttempt) -> None:
+        if self._active.pop(active.run.id, None) is None:
+            return
+        if self._heartbeat is not None:
+            self._heartbeat.remove(active.run.id)
+        if self._kick is not None:
+            self._kick.set()
 
     # -- losing runs ------------------------------------------------------------------------------------------------
 
