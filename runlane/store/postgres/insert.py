@@ -1,0 +1,236 @@
+"""Inserting runs, written once for the pool's async connections and a caller's sync or async connection.
+
+The algorithm is a generator that yields ``(query, params)`` and receives the rows, so the same steps drive
+an ``AsyncConnection`` (the store's pool, or a caller's, for transactional enqueue) and a plain
+``Connection``.
+
+Dedup comes from the partial unique index, never from "look then insert": ``INSERT … ON CONFLICT DO
+NOTHING`` waits for an uncommitted holder of the same dedup id and inserts after all if that holder rolls
+back. A row skipped for a conflict is looked up; if its holder finished (or rolled back) in between, the row
+is inserted again in the next round, in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from datetime import datetime
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg import pq
+
+from runlane.errors import RunConflict, RunNotFound, StoreUnavailable
+from runlane.models import Run, RunStatus, to_datetime
+from runlane.serialization import dumps
+from runlane.store.base import ConflictPolicy, NewRun
+from runlane.store.postgres.queries import Q
+from runlane.store.postgres.rows import run_from_row
+
+CHUNK = 5000
+"""Runs per INSERT statement: thousands per round trip, bounded parameter size."""
+MAX_ROUNDS = 100
+"""Conflict rounds before giving up: each needs a holder that vanished between two statements."""
+
+Step = tuple[LiteralString, dict[str, Any]]
+Plan = Generator[Step, list[tuple[Any, ...]], tuple[list[Run], int]]
+
+
+def _columns(runs: Sequence[NewRun]) -> dict[str, list[Any]]:
+    return {
+        "job": [r.job for r in runs],
+        "args": [dumps(r.args) for r in runs],
+        "queue": [r.queue for r in runs],
+        "priority": [r.priority for r in runs],
+        "max_attempts": [r.max_attempts for r in runs],
+        "not_before": [to_datetime(r.not_before) for r in runs],
+        "not_after": [to_datetime(r.not_after) for r in runs],
+        "dedup_id": [r.dedup_id for r in runs],
+        "tags": [_text_array(r.tags) for r in runs],
+        "parent_run_id": [r.parent_run_id for r in runs],
+        "batch_id": [r.batch_id for r in runs],
+        "schedule_id": [r.schedule_id for r in runs],
+    }
+
+
+def _text_array(items: Sequence[str]) -> str:
+    """A PostgreSQL array literal: ragged per-row arrays cannot travel as one 2-D array parameter."""
+    quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
+    return "{" + ",".join(quoted) + "}"
+
+
+def _new_run(new: NewRun, id_: int, status: str, root_run_id: int, created_at: datetime) -> Run:
+    return Run(
+        id=id_,
+        job=new.job,
+        args=new.args,
+        status=RunStatus(status),
+        queue=new.queue,
+        priority=new.priority,
+        attempt=0,
+        max_attempts=new.max_attempts,
+        not_before=to_datetime(new.not_before),
+        not_after=to_datetime(new.not_after),
+        dedup_id=new.dedup_id,
+        tags=tuple(new.tags),
+        parent_run_id=new.parent_run_id,
+        root_run_id=root_run_id,
+        batch_id=new.batch_id,
+        schedule_id=new.schedule_id,
+        created_at=created_at,
+        started_at=None,
+        finished_at=None,
+        progress=None,
+        progress_message=None,
+        result=None,
+        error=None,
+        worker_id=None,
+    )
+
+
+def insert_plan(
+    runs: Sequence[NewRun], on_conflict: ConflictPolicy, *, now: datetime | None, token: str
+) -> Plan:
+    """Steps of ``insert_runs``; returns the runs in input order and how many were created."""
+    if on_conflict not in ("raise", "return_existing"):
+        raise ValueError(f"on_conflict must be 'raise' or 'return_existing', not {on_conflict!r}")
+    parents = sorted({r.parent_run_id for r in runs if r.parent_run_id is not None})
+    if parents:
+        missing = yield Q["missing_parents"], {"ids": parents}
+        if missing:
+            raise RunNotFound(missing[0][0])
+    results: list[Run | None] = [None] * len(runs)
+    created = 0
+    todo = list(range(len(runs)))
+    for _ in range(MAX_ROUNDS):
+        conflicts: list[int] = []
+        for start in range(0, len(todo), CHUNK):
+            chunk = todo[start : start + CHUNK]
+            params: dict[str, Any] = {
+                **_columns([runs[i] for i in chunk]),
+                "now": now,
+                "token": token,
+                "channels": ["runlane_work"],
+            }
+            rows = yield Q["insert_runs"], params
+            for ord_, id_, status, root_run_id, created_at in rows:
+                position = chunk[ord_ - 1]
+                if id_ is None:
+                    conflicts.append(position)
+                else:
+                    results[position] = _new_run(runs[position], id_, status, root_run_id, created_at)
+                    created += 1
+        if not conflicts:
+            break
+        dedup_ids = sorted({d for i in conflicts if (d := runs[i].dedup_id) is not None})
+        rows = yield Q["active_by_dedup"], {"dedup_ids": dedup_ids}
+        holders = {run.dedup_id: run for run in (run_from_row(row) for row in rows)}
+        todo = []
+        for position in conflicts:
+            dedup_id = runs[position].dedup_id
+            assert dedup_id is not None  # only dedup ids conflict
+            holder = holders.get(dedup_id)
+            if holder is None:
+                todo.append(position)  # the holder ended or rolled back: try again
+            elif on_conflict == "raise":
+                raise RunConflict(dedup_id, holder.id)
+            else:
+                results[position] = holder
+        if not todo:
+            break
+    else:
+        raise StoreUnavailable(f"could not settle dedup conflicts after {MAX_ROUNDS} rounds")
+    out = [r for r in results if r is not None]
+    assert len(out) == len(runs)
+    return out, created
+
+
+async def drive_async(conn: psycopg.AsyncConnection[Any], plan: Plan) -> tuple[list[Run], int]:
+    rows: list[tuple[Any, ...]] | None = None
+    try:
+        while True:
+            query, params = plan.send(rows) if rows is not None else next(plan)
+            cur = await conn.execute(query, params)
+            rows = await cur.fetchall() if cur.description else []
+    except StopIteration as stop:
+        result: tuple[list[Run], int] = stop.value
+        return result
+
+
+def drive_sync(conn: psycopg.Connection[Any], plan: Plan) -> tuple[list[Run], int]:
+    rows: list[tuple[Any, ...]] | None = None
+    try:
+        while True:
+            query, params = plan.send(rows) if rows is not None else next(plan)
+            cur = conn.execute(query, params)
+            rows = cur.fetchall() if cur.description else []
+    except StopIteration as stop:
+        result: tuple[list[Run], int] = stop.value
+        return result
+
+
+def check_caller_connection(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
+    """A caller's connection must be usable and its transaction must still be the caller's to commit.
+
+    StoreUnavailable when it is closed or broken; ValueError when the insert would not be part of a caller
+    transaction (autocommit and no transaction block), or that transaction already failed or is busy.
+    """
+    if conn.closed or conn.broken:
+        raise StoreUnavailable("the connection given for a transactional trigger is closed")
+    status = conn.info.transaction_status
+    if status == pq.TransactionStatus.INTRANS:
+        return
+    if status == pq.TransactionStatus.IDLE and not conn.autocommit:
+        return  # the insert opens the transaction implicitly; the caller commits or rolls it back
+    if status == pq.TransactionStatus.IDLE:
+        raise ValueError(
+            "the connection is in autocommit mode and not in a transaction: the run would be committed at "
+            "once. Use `with conn.transaction():` (or a non-autocommit connection) around the trigger"
+        )
+    if status == pq.TransactionStatus.INERROR:
+        raise ValueError("the connection's transaction has failed: roll it back before triggering")
+    raise ValueError(f"the connection is busy (transaction status {status.name}): finish the current query")
+
+
+def insert_with_caller_sync(
+    conn: psycopg.Connection[Any],
+    runs: Sequence[NewRun],
+    on_conflict: ConflictPolicy,
+    *,
+    now: datetime | None,
+) -> list[Run]:
+    """Insert under a savepoint of the caller's transaction (see ``PostgresStore.insert_runs_in_transaction``).
+
+    The empty NOTIFY payload (no store token) lets this process's own listener deliver the wake-up too.
+    """
+    check_caller_connection(conn)
+    if not runs:
+        return []
+    plan = insert_plan(runs, on_conflict, now=now, token="")
+    try:
+        if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+            conn.execute("SELECT 1")  # open the caller's implicit transaction, so the next is a savepoint
+        with conn.transaction():
+            return drive_sync(conn, plan)[0]
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(f"PostgreSQL failed during a transactional trigger: {exc}") from exc
+
+
+async def insert_with_caller_async(
+    conn: psycopg.AsyncConnection[Any],
+    runs: Sequence[NewRun],
+    on_conflict: ConflictPolicy,
+    *,
+    now: datetime | None,
+) -> list[Run]:
+    """The async twin of ``insert_with_caller_sync``."""
+    check_caller_connection(conn)
+    if not runs:
+        return []
+    plan = insert_plan(runs, on_conflict, now=now, token="")
+    try:
+        if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+            await conn.execute("SELECT 1")
+        async with conn.transaction():
+            return (await drive_async(conn, plan))[0]
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(f"PostgreSQL failed during a transactional trigger: {exc}") from exc

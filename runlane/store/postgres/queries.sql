@@ -1,0 +1,395 @@
+-- Named queries of the PostgreSQL store, loaded by queries.py.
+--
+-- Placeholders expanded once at load time: {now} is the store's clock (the injected one when given, else the
+-- database's now(), so one host decides "due" and "expired"); {run_columns} is the Run record's columns of
+-- alias r; {active} / {terminal} are status lists. Parameters use psycopg's %(name)s style.
+--
+-- Batched verbs take parallel arrays and UNNEST them: one statement per batch, whatever its size. Every
+-- worker write is fenced on (run id, attempt, lease owner). Statements that change rows notify their channels
+-- from a one-row pg_notify subquery that is CROSS JOINed (so it runs) and gated on "some row changed": no
+-- extra round trip, one NOTIFY per channel, and PostgreSQL delivers a transaction's duplicates once.
+
+-- name: insert_runs
+-- Ids are drawn in input order before the insert, so that a root's root_run_id can be its own id. Only what
+-- the database decides comes back; the rest of each Run is the caller's input.
+WITH src AS MATERIALIZED (
+    SELECT u.*, nextval(pg_get_serial_sequence('runlane_runs', 'id')) AS id
+    FROM unnest(%(job)s::text[], %(args)s::text[], %(queue)s::text[], %(priority)s::int[],
+                %(max_attempts)s::int[], %(not_before)s::timestamptz[], %(not_after)s::timestamptz[],
+                %(dedup_id)s::text[], %(tags)s::text[], %(parent_run_id)s::bigint[], %(batch_id)s::bigint[],
+                %(schedule_id)s::text[])
+         WITH ORDINALITY AS u(job, args, queue, priority, max_attempts, not_before, not_after, dedup_id, tags,
+                              parent_run_id, batch_id, schedule_id, ord)
+), ins AS (
+    INSERT INTO runlane_runs AS r (id, job, args, status, queue, priority, max_attempts, not_before, not_after,
+                                   dedup_id, tags, parent_run_id, root_run_id, batch_id, schedule_id,
+                                   created_at, due_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT s.id, s.job, s.args::jsonb, CASE WHEN s.not_before > {now} THEN 'scheduled' ELSE 'pending' END,
+           s.queue, s.priority, s.max_attempts, s.not_before, s.not_after, s.dedup_id, s.tags::text[],
+           s.parent_run_id,
+           CASE WHEN s.parent_run_id IS NULL THEN s.id
+                ELSE (SELECT p.root_run_id FROM runlane_runs p WHERE p.id = s.parent_run_id) END,
+           s.batch_id, s.schedule_id, {now}, coalesce(s.not_before, {now})
+    FROM src s
+    ORDER BY s.ord
+    ON CONFLICT (dedup_id) WHERE dedup_id IS NOT NULL AND status IN {active} DO NOTHING
+    RETURNING r.id, r.status, r.root_run_id, r.created_at
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM ins)
+)
+SELECT s.ord, i.id, i.status, i.root_run_id, i.created_at
+FROM src s LEFT JOIN ins i ON i.id = s.id CROSS JOIN note
+ORDER BY s.ord;
+
+-- name: missing_parents
+SELECT p FROM unnest(%(ids)s::bigint[]) AS p
+WHERE NOT EXISTS (SELECT 1 FROM runlane_runs WHERE id = p);
+
+-- name: active_by_dedup
+SELECT {run_columns} FROM runlane_runs r WHERE r.dedup_id = ANY(%(dedup_ids)s::text[]) AND r.status IN {active};
+
+-- name: get_runs
+SELECT {run_columns} FROM runlane_runs r WHERE r.id = ANY(%(ids)s::bigint[]);
+
+-- name: attempts
+SELECT number, worker_id, started_at, finished_at, status, error
+FROM runlane_attempts WHERE run_id = %(run_id)s ORDER BY number;
+
+-- name: events
+SELECT id, run_id, kind, at, data FROM runlane_events
+WHERE run_id = %(run_id)s AND id > %(since)s ORDER BY id LIMIT %(limit)s;
+
+-- name: append_events
+WITH g AS (
+    SELECT * FROM unnest(%(g_run)s::bigint[], %(g_attempt)s::int[], %(g_count)s::int[],
+                         %(g_has_progress)s::bool[], %(g_progress)s::float8[], %(g_message)s::text[])
+        AS g(run_id, attempt, n, has_progress, progress, message)
+), upd AS (
+    UPDATE runlane_runs r
+    SET last_event_id = r.last_event_id + g.n,
+        progress = CASE WHEN g.has_progress THEN g.progress ELSE r.progress END,
+        progress_message = CASE WHEN g.has_progress THEN g.message ELSE r.progress_message END
+    FROM g
+    WHERE r.id = g.run_id
+      AND CASE WHEN g.attempt IS NULL THEN r.status IN {active}
+               ELSE r.status = 'running' AND r.attempt = g.attempt AND r.lease_owner = %(worker)s END
+    RETURNING r.id, r.last_event_id - g.n AS base
+), ins AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT e.run_id, upd.base + e.seq, e.kind, coalesce(e.at, {now}), e.data::jsonb
+    FROM unnest(%(e_run)s::bigint[], %(e_seq)s::int[], %(e_kind)s::text[], %(e_at)s::timestamptz[],
+                %(e_data)s::text[]) AS e(run_id, seq, kind, at, data)
+    JOIN upd ON upd.id = e.run_id
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM upd)
+)
+SELECT upd.id FROM upd CROSS JOIN note;
+
+-- name: promote_due
+WITH due AS MATERIALIZED (
+    SELECT id, status FROM runlane_runs
+    WHERE status IN ('scheduled', 'retrying') AND due_at <= {now}
+    ORDER BY due_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE runlane_runs r SET status = 'pending', last_event_id = r.last_event_id + 1
+    FROM due WHERE r.id = due.id
+    RETURNING r.id, r.attempt, r.last_event_id, due.status AS old
+), ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT id, last_event_id, 'status', {now},
+           jsonb_build_object('from', old, 'to', 'pending', 'attempt', attempt, 'reason', NULL)
+    FROM upd
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM upd)
+)
+SELECT count(*) FROM upd CROSS JOIN note;
+
+-- name: claim
+-- Candidates are materialised: written as "id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)" the planner may
+-- run the locking subquery more than once and lock (and claim) more than n rows. Each queue's candidates come
+-- from an ordered scan of the partial index runlane_runs_claim (queue = one value keeps the index order, which
+-- "queue = ANY(…)" would lose, sorting every pending run of the queues instead); the outer ORDER BY merges
+-- the queues. With k queues up to k·n rows are locked for the instant of this transaction, n are claimed.
+WITH candidates AS MATERIALIZED (
+    SELECT c.id FROM unnest(%(queues)s::text[]) AS q(queue)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, due_at FROM runlane_runs
+        WHERE status = 'pending' AND queue = q.queue AND job = ANY(%(jobs)s::text[])
+          AND due_at <= {now} AND (not_after IS NULL OR not_after > {now})
+        ORDER BY priority DESC, due_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.priority DESC, c.due_at, c.id
+    LIMIT %(limit)s
+), claimed AS (
+    UPDATE runlane_runs r
+    SET status = 'running', attempt = r.attempt + 1, worker_id = %(worker)s, lease_owner = %(worker)s,
+        lease_expires_at = {now} + make_interval(secs => %(lease_timeout)s), started_at = {now},
+        last_event_id = r.last_event_id + 1
+    FROM candidates c WHERE r.id = c.id
+    RETURNING r.*
+), att AS (
+    INSERT INTO runlane_attempts (run_id, number, worker_id, started_at, status)
+    SELECT id, attempt, %(worker)s, {now}, 'running' FROM claimed
+), ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT id, last_event_id, 'status', {now},
+           jsonb_build_object('from', 'pending', 'to', 'running', 'attempt', attempt, 'reason', NULL)
+    FROM claimed
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM claimed)
+)
+SELECT {run_columns} FROM claimed r CROSS JOIN note
+ORDER BY r.priority DESC, r.due_at, r.id;
+
+-- name: heartbeat
+WITH l AS (
+    SELECT * FROM unnest(%(run)s::bigint[], %(attempt)s::int[]) AS l(run_id, attempt)
+), upd AS (
+    UPDATE runlane_runs r SET lease_expires_at = {now} + make_interval(secs => %(lease_timeout)s)
+    FROM l
+    WHERE r.id = l.run_id AND r.attempt = l.attempt AND r.status = 'running' AND r.lease_owner = %(worker)s
+    RETURNING r.id
+), seen AS (
+    UPDATE runlane_workers SET last_seen_at = {now} WHERE id = %(worker)s
+)
+SELECT id FROM upd;
+
+-- name: held_leases
+SELECT r.id FROM runlane_runs r
+JOIN unnest(%(run)s::bigint[], %(attempt)s::int[]) AS l(run_id, attempt)
+  ON r.id = l.run_id AND r.attempt = l.attempt
+WHERE r.status = 'running' AND r.lease_owner = %(worker)s;
+
+-- name: finish_attempts
+WITH f AS (
+    SELECT * FROM unnest(%(run)s::bigint[], %(attempt)s::int[], %(outcome)s::text[], %(result)s::text[],
+                         %(error)s::text[], %(delay)s::float8[], %(n)s::int[], %(has_progress)s::bool[],
+                         %(progress)s::float8[], %(message)s::text[])
+        AS f(run_id, attempt, outcome, result, error, delay, n, has_progress, progress, message)
+), upd AS (
+    UPDATE runlane_runs r
+    SET status = f.outcome,
+        result = CASE WHEN f.outcome = 'succeeded' THEN f.result::jsonb END,
+        error = CASE WHEN f.outcome = 'succeeded' THEN NULL ELSE f.error::jsonb END,
+        finished_at = CASE WHEN f.outcome = 'retrying' THEN NULL ELSE {now} END,
+        due_at = CASE WHEN f.outcome = 'retrying' THEN {now} + make_interval(secs => f.delay) ELSE r.due_at END,
+        lease_owner = NULL, lease_expires_at = NULL,
+        progress = CASE WHEN f.has_progress THEN f.progress ELSE r.progress END,
+        progress_message = CASE WHEN f.has_progress THEN f.message ELSE r.progress_message END,
+        last_event_id = r.last_event_id + f.n + 1
+    FROM f
+    WHERE r.id = f.run_id AND r.status = 'running' AND r.attempt = f.attempt AND r.lease_owner = %(worker)s
+    RETURNING r.id, r.attempt, r.last_event_id, f.outcome, f.n, r.error
+), att AS (
+    UPDATE runlane_attempts a
+    SET status = CASE WHEN upd.outcome = 'retrying' THEN 'failed' ELSE upd.outcome END,
+        finished_at = {now}, error = upd.error
+    FROM upd WHERE a.run_id = upd.id AND a.number = upd.attempt
+), ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT e.run_id, upd.last_event_id - upd.n - 1 + e.seq, e.kind, coalesce(e.at, {now}), e.data::jsonb
+    FROM unnest(%(e_run)s::bigint[], %(e_seq)s::int[], %(e_kind)s::text[], %(e_at)s::timestamptz[],
+                %(e_data)s::text[]) AS e(run_id, seq, kind, at, data)
+    JOIN upd ON upd.id = e.run_id
+    UNION ALL
+    SELECT id, last_event_id, 'status', {now},
+           jsonb_build_object('from', 'running', 'to', outcome, 'attempt', attempt, 'reason', NULL)
+    FROM upd
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM upd)
+)
+SELECT upd.id FROM upd CROSS JOIN note;
+
+-- name: release_runs
+WITH l AS (
+    SELECT * FROM unnest(%(run)s::bigint[], %(attempt)s::int[]) AS l(run_id, attempt)
+), upd AS (
+    UPDATE runlane_runs r
+    SET status = 'pending', attempt = r.attempt - 1, lease_owner = NULL, lease_expires_at = NULL,
+        worker_id = (SELECT a.worker_id FROM runlane_attempts a WHERE a.run_id = r.id AND a.number = r.attempt - 1),
+        started_at = (SELECT a.started_at FROM runlane_attempts a WHERE a.run_id = r.id AND a.number = r.attempt - 1),
+        last_event_id = r.last_event_id + 1
+    FROM l
+    WHERE r.id = l.run_id AND r.attempt = l.attempt AND r.status = 'running' AND r.lease_owner = %(worker)s
+    RETURNING r.id, r.attempt, l.attempt AS released, r.last_event_id
+), att AS (
+    DELETE FROM runlane_attempts a USING upd WHERE a.run_id = upd.id AND a.number = upd.released
+), ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT id, last_event_id, 'status', {now},
+           jsonb_build_object('from', 'running', 'to', 'pending', 'attempt', attempt, 'reason', 'released')
+    FROM upd
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM upd)
+)
+SELECT upd.id FROM upd CROSS JOIN note;
+
+-- name: reap_expired_leases
+WITH lost AS MATERIALIZED (
+    SELECT id FROM runlane_runs
+    WHERE status = 'running' AND lease_expires_at < {now}
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE runlane_runs r
+    SET status = CASE WHEN r.attempt < r.max_attempts THEN 'pending' ELSE 'failed' END,
+        error = jsonb_build_object('type', 'WorkerLost', 'traceback', NULL, 'message',
+                                   'worker ' || coalesce(r.lease_owner, '?') || ' lost its lease (no heartbeat)'),
+        finished_at = CASE WHEN r.attempt < r.max_attempts THEN NULL ELSE {now} END,
+        lease_owner = NULL, lease_expires_at = NULL, last_event_id = r.last_event_id + 1
+    FROM lost WHERE r.id = lost.id
+    RETURNING r.id, r.attempt, r.status, r.error, r.last_event_id
+), att AS (
+    UPDATE runlane_attempts a SET status = 'failed', finished_at = {now}, error = upd.error
+    FROM upd WHERE a.run_id = upd.id AND a.number = upd.attempt
+), ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT id, last_event_id, 'status', {now},
+           jsonb_build_object('from', 'running', 'to', status, 'attempt', attempt, 'reason', 'worker lost')
+    FROM upd
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM upd)
+)
+SELECT upd.id FROM upd CROSS JOIN note;
+
+-- name: expire_runs
+WITH late AS MATERIALIZED (
+    SELECT id, status FROM runlane_runs
+    WHERE not_after IS NOT NULL AND not_after <= {now} AND status IN ('scheduled', 'pending', 'retrying')
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+), upd AS (
+    UPDATE runlane_runs r
+    SET status = 'cancelled', finished_at = {now}, last_event_id = r.last_event_id + 1,
+        error = jsonb_build_object('type', 'Expired', 'traceback', NULL,
+                                   'message', 'not_after passed before the run started')
+    FROM late WHERE r.id = late.id
+    RETURNING r.id, r.attempt, r.last_event_id, late.status AS old
+), ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT id, last_event_id, 'status', {now},
+           jsonb_build_object('from', old, 'to', 'cancelled', 'attempt', attempt, 'reason', 'expired')
+    FROM upd
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM upd)
+)
+SELECT upd.id FROM upd CROSS JOIN note;
+
+-- name: cancel_runs
+-- Rows are locked in id order so that two overlapping cancels cannot deadlock each other.
+WITH RECURSIVE tree(id, origin, depth) AS (
+    SELECT id, id, 0 FROM runlane_runs WHERE id = ANY(%(ids)s::bigint[])
+    UNION
+    SELECT c.id, t.origin, t.depth + 1 FROM runlane_runs c JOIN tree t ON c.parent_run_id = t.id
+), locked AS MATERIALIZED (
+    SELECT r.id, r.status FROM runlane_runs r
+    WHERE r.id IN (SELECT id FROM tree) AND r.status IN {active}
+    ORDER BY r.id
+    FOR UPDATE
+), upd AS (
+    UPDATE runlane_runs r
+    SET status = 'cancelled', finished_at = {now}, lease_owner = NULL, lease_expires_at = NULL,
+        last_event_id = r.last_event_id + 1,
+        error = jsonb_build_object('type', 'Cancelled', 'traceback', NULL, 'message',
+            CASE WHEN r.id = ANY(%(ids)s::bigint[]) THEN %(reason)s
+                 ELSE 'cancelled by cascade from run '
+                      || (SELECT t.origin FROM tree t WHERE t.id = r.id ORDER BY t.depth LIMIT 1) END)
+    FROM locked WHERE r.id = locked.id
+    RETURNING r.id, r.attempt, r.last_event_id, r.error, locked.status AS old
+), att AS (
+    UPDATE runlane_attempts a SET status = 'cancelled', finished_at = {now}, error = upd.error
+    FROM upd WHERE upd.old = 'running' AND a.run_id = upd.id AND a.number = upd.attempt
+), ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT id, last_event_id, 'status', {now},
+           jsonb_build_object('from', old, 'to', 'cancelled', 'attempt', attempt, 'reason', error ->> 'message')
+    FROM upd
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM upd)
+      AND (ch <> 'runlane_cancel' OR EXISTS (SELECT 1 FROM upd WHERE old = 'running'))
+)
+SELECT upd.id, upd.old FROM upd CROSS JOIN note;
+
+-- name: retry_run
+WITH old AS MATERIALIZED (
+    SELECT id, status FROM runlane_runs WHERE id = %(id)s AND status IN ('failed', 'cancelled') FOR UPDATE
+), upd AS (
+    UPDATE runlane_runs r
+    SET status = 'pending', max_attempts = greatest(r.max_attempts, r.attempt + 1), due_at = {now},
+        finished_at = NULL, result = NULL, error = NULL, progress = NULL, progress_message = NULL,
+        lease_owner = NULL, lease_expires_at = NULL, last_event_id = r.last_event_id + 1
+    FROM old WHERE r.id = old.id
+    RETURNING r.id, r.attempt, r.last_event_id, old.status AS old
+), ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT id, last_event_id, 'status', {now},
+           jsonb_build_object('from', old, 'to', 'pending', 'attempt', attempt, 'reason', 'retried by user')
+    FROM upd
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM upd)
+)
+SELECT upd.id FROM upd CROSS JOIN note;
+
+-- name: run_status
+SELECT status FROM runlane_runs WHERE id = %(id)s;
+
+-- name: next_due_at
+SELECT min(due_at) FROM runlane_runs
+WHERE status IN ('scheduled', 'retrying') AND due_at < 'infinity'
+  AND queue = ANY(%(queues)s::text[]) AND job = ANY(%(jobs)s::text[]);
+
+-- name: prune
+-- Terminal runs stay while any descendant is active: walk up from every active child to all its ancestors.
+WITH RECURSIVE keep(id) AS (
+    SELECT parent_run_id FROM runlane_runs WHERE status IN {active} AND parent_run_id IS NOT NULL
+    UNION
+    SELECT r.parent_run_id FROM runlane_runs r JOIN keep k ON r.id = k.id WHERE r.parent_run_id IS NOT NULL
+), doomed AS MATERIALIZED (
+    SELECT id FROM runlane_runs
+    WHERE status IN {terminal} AND finished_at < %(older_than)s AND id NOT IN (SELECT id FROM keep)
+), gone_events AS (
+    DELETE FROM runlane_events e USING doomed d WHERE e.run_id = d.id
+), gone_attempts AS (
+    DELETE FROM runlane_attempts a USING doomed d WHERE a.run_id = d.id
+), gone AS (
+    DELETE FROM runlane_runs r USING doomed d WHERE r.id = d.id RETURNING r.id
+)
+SELECT count(*) FROM gone;
+
+-- name: register_jobs
+INSERT INTO runlane_jobs AS j (name, queue, options, args_schema, updated_at)
+SELECT u.name, u.queue, u.options::jsonb, u.args_schema::jsonb, {now}
+FROM unnest(%(name)s::text[], %(queue)s::text[], %(options)s::text[], %(args_schema)s::text[])
+     AS u(name, queue, options, args_schema)
+ON CONFLICT (name) DO UPDATE
+SET queue = excluded.queue, options = excluded.options, args_schema = excluded.args_schema,
+    updated_at = excluded.updated_at;
+
+-- name: get_job
+SELECT name, queue, options, args_schema FROM runlane_jobs WHERE name = %(name)s;
+
+-- name: register_worker
+INSERT INTO runlane_workers (id, info, started_at, last_seen_at)
+VALUES (%(id)s, %(info)s::jsonb, {now}, {now})
+ON CONFLICT (id) DO UPDATE SET info = excluded.info, last_seen_at = excluded.last_seen_at;
+
+-- name: deregister_worker
+DELETE FROM runlane_workers WHERE id = %(id)s;
+
+-- name: notify
+SELECT count(pg_notify(ch, %(token)s)) FROM unnest(%(channels)s::text[]) AS ch;

@@ -1,0 +1,170 @@
+"""Rows to records, and batches to the parallel arrays that the UNNEST statements take.
+
+A batch may name one run more than once (two drafts of different attempts, a duplicated finish); an
+``UPDATE … FROM unnest(…)`` would apply only one of them, so such batches are cut into rounds in which each
+run appears once, run one after the other in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from runlane.models import Attempt, ErrorInfo, Event, JobInfo, Run, RunStatus, to_datetime
+from runlane.serialization import dumps
+from runlane.store.base import EventDraft, Finish
+
+RUN_WIDTH = 24
+
+T = TypeVar("T")
+
+
+def run_from_row(row: Sequence[Any], start: int = 0) -> Run:
+    (id_, job, args, status, queue, priority, attempt, max_attempts, not_before, not_after, dedup_id, tags,
+     parent, root, batch, schedule, created, started, finished, progress, progress_message, result, error,
+     worker) = row[start : start + RUN_WIDTH]  # fmt: skip
+    return Run(
+        id=id_,
+        job=job,
+        args=args,
+        status=RunStatus(status),
+        queue=queue,
+        priority=priority,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        not_before=not_before,
+        not_after=not_after,
+        dedup_id=dedup_id,
+        tags=tuple(tags),
+        parent_run_id=parent,
+        root_run_id=root,
+        batch_id=batch,
+        schedule_id=schedule,
+        created_at=created,
+        started_at=started,
+        finished_at=finished,
+        progress=progress,
+        progress_message=progress_message,
+        result=result,
+        error=ErrorInfo.from_dict(error),
+        worker_id=worker,
+    )
+
+
+def attempt_from_row(row: Sequence[Any]) -> Attempt:
+    number, worker_id, started_at, finished_at, status, error = row
+    return Attempt(number, worker_id, started_at, finished_at, RunStatus(status), ErrorInfo.from_dict(error))
+
+
+def event_from_row(row: Sequence[Any]) -> Event:
+    id_, run_id, kind, at, data = row
+    return Event(id_, run_id, kind, at, data)
+
+
+def job_from_row(row: Sequence[Any]) -> JobInfo:
+    name, queue, options, args_schema = row
+    return JobInfo(name, queue, options or {}, args_schema or {})
+
+
+def rounds(items: Sequence[T], key: Any) -> list[list[tuple[int, T]]]:
+    """Cut ``items`` into rounds in which ``key(item)`` (a run id) occurs at most once, keeping each run's
+    items in order; items keep their input index."""
+    out: list[list[tuple[int, T]]] = []
+    seen: dict[Any, int] = {}
+    for index, item in enumerate(items):
+        k = key(item)
+        n = seen.get(k, -1) + 1
+        seen[k] = n
+        if n == len(out):
+            out.append([])
+        out[n].append((index, item))
+    return out
+
+
+@dataclass
+class EventArrays:
+    """Drafts as ``(run, seq, kind, at, data)`` arrays; ``seq`` numbers each run's drafts from 1."""
+
+    run: list[int] = field(default_factory=list)
+    seq: list[int] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)
+    at: list[datetime | None] = field(default_factory=list)
+    data: list[str] = field(default_factory=list)
+
+    def add(self, draft: EventDraft, seq: int) -> None:
+        self.run.append(draft.run_id)
+        self.seq.append(seq)
+        self.kind.append(draft.kind)
+        self.at.append(to_datetime(draft.at))
+        self.data.append(dumps(draft.data))
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "e_run": self.run,
+            "e_seq": self.seq,
+            "e_kind": self.kind,
+            "e_at": self.at,
+            "e_data": self.data,
+        }
+
+
+def last_progress(drafts: Sequence[EventDraft]) -> tuple[bool, float | None, str | None]:
+    """Whether ``drafts`` hold a progress event, and the fields the last one sets."""
+    for draft in reversed(drafts):
+        if draft.kind == "progress":
+            data = draft.data if isinstance(draft.data, dict) else {}
+            percent = data.get("percent")
+            return True, None if percent is None else float(percent), data.get("message")
+    return False, None, None
+
+
+def append_params(groups: Sequence[tuple[int, int | None, list[EventDraft]]]) -> dict[str, Any]:
+    """Parameters of ``append_events`` for groups of ``(run_id, attempt, drafts)``, one group per run."""
+    events = EventArrays()
+    g_run, g_attempt, g_count, g_has, g_progress, g_message = [], [], [], [], [], []
+    for run_id, attempt, drafts in groups:
+        has, percent, message = last_progress(drafts)
+        g_run.append(run_id)
+        g_attempt.append(attempt)
+        g_count.append(len(drafts))
+        g_has.append(has)
+        g_progress.append(percent)
+        g_message.append(message)
+        for seq, draft in enumerate(drafts, 1):
+            events.add(draft, seq)
+    return {
+        "g_run": g_run,
+        "g_attempt": g_attempt,
+        "g_count": g_count,
+        "g_has_progress": g_has,
+        "g_progress": g_progress,
+        "g_message": g_message,
+        **events.params(),
+    }
+
+
+def finish_params(finishes: Sequence[Finish]) -> dict[str, Any]:
+    """Parameters of ``finish_attempts`` for finishes of distinct runs."""
+    events = EventArrays()
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("run", "attempt", "outcome", "result", "error", "delay", "n", "has_progress")
+    }
+    progress: list[float | None] = []
+    message: list[str | None] = []
+    for f in finishes:
+        has, percent, msg = last_progress(f.events)
+        cols["run"].append(f.run_id)
+        cols["attempt"].append(f.attempt)
+        cols["outcome"].append(f.outcome)
+        cols["result"].append(dumps(f.result) if f.outcome == "succeeded" else None)
+        cols["error"].append(None if f.error is None else dumps(f.error.to_dict()))
+        cols["delay"].append(max(0.0, float(f.retry_delay)))
+        cols["n"].append(len(f.events))
+        cols["has_progress"].append(has)
+        progress.append(percent)
+        message.append(msg)
+        for seq, draft in enumerate(f.events, 1):
+            events.add(EventDraft(f.run_id, draft.kind, draft.data, f.attempt, draft.at), seq)
+    return {**cols, "progress": progress, "message": message, **events.params()}

@@ -1,0 +1,594 @@
+"""PostgresStore: the store seam on PostgreSQL with psycopg 3.
+
+Connections: one ``AsyncConnectionPool`` per running event loop (an async pool is bound to the loop that
+opened it, and the store is shared by the sync client's loop thread and the worker's loop), a synchronous
+connection for ``heartbeat_blocking`` (called from a plain thread while a job may block the loop), and the
+listener's own connection. Every verb is one statement (batches go through UNNEST) or, for claims, one short
+transaction; wake-ups are NOTIFYed from inside the statement that made the change and signalled locally
+after it commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, LiteralString, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from runlane.errors import RunConflict, RunNotFound, StoreUnavailable
+from runlane.models import Attempt, Event, JobInfo, Run, RunFilter, to_datetime
+from runlane.serialization import dumps
+from runlane.store.base import ConflictPolicy, EventDraft, Finish, Lease, NewRun, Store
+from runlane.store.migrations import load_migrations
+from runlane.store.notify import Notifier, Topic
+from runlane.store.postgres import insert as ins
+from runlane.store.postgres.config import PostgresOptions, hide_password, merge_conninfo
+from runlane.store.postgres.listener import CHANNELS, Listener
+from runlane.store.postgres.queries import RUN_COLUMNS, RUN_FILTERS, Q
+from runlane.store.postgres.rows import (
+    append_params,
+    attempt_from_row,
+    event_from_row,
+    finish_params,
+    job_from_row,
+    rounds,
+    run_from_row,
+)
+
+log = logging.getLogger("runlane.store.postgres")
+
+T = TypeVar("T")
+AConn = psycopg.AsyncConnection[Any]
+Pool = AsyncConnectionPool[AConn]
+
+MIGRATIONS_PACKAGE = "runlane.store.postgres.migrations"
+MIGRATION_LOCK = 0x72756E6C616E65  # "runlane": serialises concurrent migrators across processes
+PROMOTE_LIMIT = 1000
+_RETRIES = 5  # deadlocks and serialization failures are retried; the transaction was rolled back
+
+
+def _channels(*topics: Topic) -> list[str]:
+    return [CHANNELS[t] for t in topics]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1].strip() if text else type(exc).__name__
+
+
+class PostgresStore(Store):
+    """A store on PostgreSQL. Options (also from the URL's query string): see ``PostgresOptions``."""
+
+    def __init__(self, url: str, *, clock: Callable[[], float] | None = None, **options: Any) -> None:
+        self.url = url
+        self.notifier = Notifier()
+        self._clock = clock
+        self._conninfo, self.options = PostgresOptions.parse(url, options)
+        self._token = secrets.token_hex(8)  # marks this store's own NOTIFYs, which it already signalled
+        self._lock = threading.Lock()
+        self._pools: dict[asyncio.AbstractEventLoop, tuple[Pool, list[bool]]] = {}
+        self._hb_lock = threading.Lock()
+        self._hb_conn: psycopg.Connection[Any] | None = None
+        self._listener: Listener | None = None
+        self._migrations = load_migrations(MIGRATIONS_PACKAGE)
+
+    @property
+    def display_url(self) -> str:
+        return hide_password(self.url)
+
+    @property
+    def listener(self) -> Listener | None:
+        """The LISTEN thread once opened (tests and operators read its state)."""
+        return self._listener
+
+    def now(self) -> float:
+        return self._clock() if self._clock is not None else time.time()
+
+    def _now(self) -> datetime | None:
+        """The ``now`` parameter: the injected clock, else None so that SQL uses the database's clock."""
+        return to_datetime(self._clock()) if self._clock is not None else None
+
+    def _conninfo_for(self, role: str = "") -> str:
+        return merge_conninfo(self._conninfo, self.options.connect_kwargs(role=role))
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._listener is not None:
+            return
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo_for())
+        except psycopg.Error as exc:
+            raise StoreUnavailable(
+                f"cannot connect to PostgreSQL at {self.display_url}: {_first_line(exc)}"
+            ) from exc
+        await conn.close()
+        await self._pool()
+        listener = Listener(self._conninfo_for("listener"), self.notifier, self._token)
+        with self._lock:
+            if self._listener is not None:
+                return
+            self._listener = listener
+        listener.start()
+        if not await asyncio.to_thread(listener.wait_listening, self.options.connect_timeout):
+            log.warning("LISTEN on %s not ready yet; wake-ups fall back to polling", self.display_url)
+
+    async def close(self) -> None:
+        with self._lock:
+            pools, self._pools = self._pools, {}
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            await asyncio.to_thread(listener.stop)
+        current = asyncio.get_running_loop()
+        for loop, (pool, _) in pools.items():
+            if loop is current:
+                await pool.close()
+            elif not loop.is_closed() and loop.is_running():
+                future = asyncio.run_coroutine_threadsafe(pool.close(), loop)
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(future), 10)
+                except (TimeoutError, RuntimeError) as exc:
+                    log.warning("could not close the connection pool of another event loop: %r", exc)
+        with self._hb_lock:
+            if self._hb_conn is not None:
+                self._hb_conn.close()
+                self._hb_conn = None
+
+    async def _pool(self) -> Pool:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._pools.get(loop)
+            if entry is None:
+                for other in [lp for lp in self._pools if lp.is_closed()]:
+                    del self._pools[other]  # its loop is gone and took the pool's tasks with it
+                kwargs = {"autocommit": True, "prepare_threshold": self.options.prepare_threshold}
+                pool: Pool = AsyncConnectionPool(
+                    self._conninfo_for(),
+                    min_size=self.options.pool_min_size,
+                    max_size=self.options.pool_max_size,
+                    timeout=self.options.pool_timeout,
+                    kwargs=kwargs,
+                    open=False,
+                    name=f"runlane-{id(loop):x}",
+                )
+                entry = (pool, [False])
+                self._pools[loop] = entry
+        pool, opened = entry
+        if not opened[0]:
+            await pool.open()
+            opened[0] = True
+        return pool
+
+    async def _run(self, body: Callable[[AConn], Awaitable[T]]) -> T:
+        """Run ``body`` on a pooled connection; driver failures become StoreUnavailable."""
+        pool = await self._pool()
+        for attempt in range(_RETRIES):
+            try:
+                async with pool.connection() as conn:
+                    return await body(conn)
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+                if attempt == _RETRIES - 1:
+                    raise StoreUnavailable(
+                        f"PostgreSQL kept aborting a transaction: {_first_line(exc)}"
+                    ) from exc
+                log.info("retrying after %s", type(exc).__name__)
+            except PoolTimeout as exc:
+                raise StoreUnavailable(
+                    f"no connection to PostgreSQL at {self.display_url} within {self.options.pool_timeout}s"
+                ) from exc
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(
+                    f"PostgreSQL at {self.display_url} failed: {_first_line(exc)}"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    async def _fetch(
+        self, query: LiteralString | sql.Composed, params: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        async def body(conn: AConn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall() if cur.description else []
+
+        return await self._run(body)
+
+    # -- schema ---------------------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        applied: list[int] = []
+        for migration in self._migrations:
+
+            async def body(conn: AConn, version: int = migration.version) -> bool:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                    await conn.execute(
+                        "CREATE TABLE IF NOT EXISTS runlane_migrations (version integer PRIMARY KEY, "
+                        "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                    )
+                    cur = await conn.execute(
+                        "SELECT 1 FROM runlane_migrations WHERE version = %s", (version,)
+                    )
+                    if await cur.fetchone():
+                        return False
+                    m = self._migrations[version - 1]
+                    await conn.execute(m.sql)  # no parameters: several statements
+                    await conn.execute(
+                        "INSERT INTO runlane_migrations (version, name) VALUES (%s, %s)", (version, m.name)
+                    )
+                    return True
+
+            if await self._run(body):
+                applied.append(migration.version)
+        return applied
+
+    async def schema_version(self) -> tuple[int, int]:
+        async def body(conn: AConn) -> int:
+            cur = await conn.execute("SELECT to_regclass('runlane_migrations') IS NOT NULL")
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                return 0
+            cur = await conn.execute("SELECT coalesce(max(version), 0) FROM runlane_migrations")
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run(body), len(self._migrations)
+
+    # -- catalogue and workers ------------------------------------------------------------------------------
+
+    async def register_jobs(self, jobs: Sequence[JobInfo]) -> None:
+        if not jobs:
+            return
+        latest = {j.name: j for j in jobs}  # one row per name, the last one winning
+        await self._fetch(
+            Q["register_jobs"],
+            {
+                "name": list(latest),
+                "queue": [j.queue for j in latest.values()],
+                "options": [dumps(j.options) for j in latest.values()],
+                "args_schema": [dumps(j.args_schema) for j in latest.values()],
+                "now": self._now(),
+            },
+        )
+
+    async def get_job(self, name: str) -> JobInfo | None:
+        rows = await self._fetch(Q["get_job"], {"name": name})
+        return job_from_row(rows[0]) if rows else None
+
+    async def register_worker(self, worker_id: str, info: dict[str, Any]) -> None:
+        await self._fetch(Q["register_worker"], {"id": worker_id, "info": dumps(info), "now": self._now()})
+
+    async def deregister_worker(self, worker_id: str) -> None:
+        await self._fetch(Q["deregister_worker"], {"id": worker_id})
+
+    # -- triggering and reading -----------------------------------------------------------------------------
+
+    async def insert_runs(
+        self, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
+    ) -> list[Run]:
+        if not runs:
+            return []
+
+        async def body(conn: AConn) -> tuple[list[Run], int]:
+            async with conn.transaction():
+                return await ins.drive_async(
+                    conn, ins.insert_plan(runs, on_conflict, now=self._now(), token=self._token)
+                )
+
+        result, created = await self._run(body)
+        if created:
+            self.notifier.notify("work")
+        return result
+
+    async def insert_runs_in_transaction(
+        self,
+        conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
+        runs: Sequence[NewRun],
+        *,
+        on_conflict: ConflictPolicy = "raise",
+    ) -> list[Run]:
+        """Insert runs in the caller's transaction on ``conn``: they exist iff that transaction commits.
+
+        A sync ``Connection`` is driven without awaiting (the statements are short, like any call on it in
+        the caller's code). Runs go in under a savepoint, so a RunConflict or RunNotFound undoes only them and
+        leaves the caller's transaction usable. The NOTIFY is queued in the transaction and fires at commit,
+        without this store's token, so that this process's own listener signals the local notifier too.
+        """
+        if isinstance(conn, psycopg.AsyncConnection):
+            return await ins.insert_with_caller_async(conn, runs, on_conflict, now=self._now())
+        return self.insert_runs_in_transaction_blocking(conn, runs, on_conflict=on_conflict)
+
+    def insert_runs_in_transaction_blocking(
+        self, conn: psycopg.Connection[Any], runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
+    ) -> list[Run]:
+        """The sync form of ``insert_runs_in_transaction``, for a sync client with a sync connection."""
+        return ins.insert_with_caller_sync(conn, runs, on_conflict, now=self._now())
+
+    async def get_run(self, run_id: int) -> Run | None:
+        runs = await self.get_runs([run_id])
+        return runs[0] if runs else None
+
+    async def get_runs(self, run_ids: Sequence[int]) -> list[Run]:
+        if not run_ids:
+            return []
+        rows = await self._fetch(Q["get_runs"], {"ids": list(run_ids)})
+        return [run_from_row(row) for row in rows]
+
+    async def list_runs(
+        self, filter: RunFilter, *, limit: int = 100, before_id: int | None = None
+    ) -> list[Run]:
+        params: dict[str, Any] = {
+            "job": filter.job,
+            "statuses": [s.value for s in filter.statuses] or None,
+            "queue": filter.queue,
+            "parent_run_id": filter.parent_run_id,
+            "root_run_id": filter.root_run_id,
+            "batch_id": filter.batch_id,
+            "schedule_id": filter.schedule_id,
+            "tag": filter.tag,
+            "created_after": filter.created_after,
+            "created_before": filter.created_before,
+            "before_id": before_id,
+        }
+        params = {k: v for k, v in params.items() if v is not None}
+        where = [sql.SQL(RUN_FILTERS[k]) for k in params] or [sql.SQL("true")]
+        params["limit"] = max(0, limit)
+        query = sql.SQL(
+            "SELECT {cols} FROM runlane_runs r WHERE {where} ORDER BY r.id DESC LIMIT %(limit)s"
+        ).format(
+            cols=sql.SQL(", ".join(f"r.{c}" for c in RUN_COLUMNS.split(", "))),
+            where=sql.SQL(" AND ").join(where),
+        )
+        return [run_from_row(row) for row in await self._fetch(query, params)]
+
+    async def attempts(self, run_id: int) -> list[Attempt]:
+        return [attempt_from_row(row) for row in await self._fetch(Q["attempts"], {"run_id": run_id})]
+
+    async def events(self, run_id: int, *, since: int | None = None, limit: int = 1000) -> list[Event]:
+        rows = await self._fetch(Q["events"], {"run_id": run_id, "since": since or 0, "limit": max(0, limit)})
+        return [event_from_row(row) for row in rows]
+
+    async def append_events(self, events: Sequence[EventDraft], *, worker_id: str | None = None) -> set[int]:
+        if not events:
+            return set()
+        # One group per (run, attempt) in first-appearance order; a run in two groups goes to two rounds.
+        groups: dict[tuple[int, int | None], list[EventDraft]] = {}
+        for draft in events:
+            groups.setdefault((draft.run_id, draft.attempt), []).append(draft)
+        batches = rounds(list(groups.items()), key=lambda item: item[0][0])
+
+        async def body(conn: AConn) -> set[int]:
+            refused: set[int] = set()
+            async with conn.transaction():
+                for batch in batches:
+                    group_list = [(run_id, attempt, drafts) for _, ((run_id, attempt), drafts) in batch]
+                    params = {
+                        **append_params(group_list),
+                        "worker": worker_id,
+                        "now": self._now(),
+                        "token": self._token,
+                        "channels": _channels("change"),
+                    }
+                    cur = await conn.execute(Q["append_events"], params)
+                    accepted = {row[0] for row in await cur.fetchall()}
+                    refused |= {run_id for run_id, _, _ in group_list if run_id not in accepted}
+            return refused
+
+        refused = await self._run(body)
+        if len(refused) < len({d.run_id for d in events}):
+            self.notifier.notify("change")
+        return refused
+
+    # -- user actions ---------------------------------------------------------------------------------------
+
+    async def cancel_runs(self, run_ids: Sequence[int], *, reason: str = "cancelled by user") -> list[int]:
+        if not run_ids:
+            return []
+        rows = await self._fetch(
+            Q["cancel_runs"],
+            {
+                "ids": list(run_ids),
+                "reason": reason,
+                "now": self._now(),
+                "token": self._token,
+                "channels": _channels("change", "cancel"),
+            },
+        )
+        if rows:
+            topics: list[Topic] = ["change"]
+            if any(old == "running" for _, old in rows):
+                topics.append("cancel")
+            self.notifier.notify(*topics)
+        return sorted(row[0] for row in rows)
+
+    async def retry_run(self, run_id: int) -> bool:
+        params = {
+            "id": run_id,
+            "now": self._now(),
+            "token": self._token,
+            "channels": _channels("work", "change"),
+        }
+        for _ in range(ins.MAX_ROUNDS):
+            try:
+                rows = await self._fetch(Q["retry_run"], params)
+            except pg_errors.UniqueViolation:
+                run = await self.get_run(run_id)
+                if run is None or run.dedup_id is None:
+                    raise
+                holders = await self._fetch(Q["active_by_dedup"], {"dedup_ids": [run.dedup_id]})
+                if holders:
+                    raise RunConflict(run.dedup_id, holders[0][0]) from None
+                continue  # the holder ended in between: try again
+            if rows:
+                self.notifier.notify("work", "change")
+                return True
+            if not await self._fetch(Q["run_status"], {"id": run_id}):
+                raise RunNotFound(run_id)
+            return False
+        raise StoreUnavailable(f"could not retry run {run_id}: its dedup id kept changing hands")
+
+    # -- worker verbs ---------------------------------------------------------------------------------------
+
+    async def claim(
+        self, worker_id: str, *, queues: Sequence[str], jobs: Sequence[str], limit: int, lease_timeout: float
+    ) -> list[Run]:
+        if limit <= 0 or not queues or not jobs:
+            return []
+        now = self._now()
+
+        async def body(conn: AConn) -> tuple[int, list[tuple[Any, ...]]]:
+            # One round trip for the whole transaction: pipeline mode sends BEGIN, both statements and COMMIT
+            # together and reads the results back afterwards.
+            async with conn.pipeline(), conn.transaction():
+                promote = await conn.execute(
+                    Q["promote_due"],
+                    {
+                        "now": now,
+                        "limit": PROMOTE_LIMIT,
+                        "token": self._token,
+                        "channels": _channels("work", "change"),
+                    },
+                )
+                claim = await conn.execute(
+                    Q["claim"],
+                    {
+                        "now": now,
+                        "queues": list(queues),
+                        "jobs": list(jobs),
+                        "limit": limit,
+                        "worker": worker_id,
+                        "lease_timeout": float(lease_timeout),
+                        "token": self._token,
+                        "channels": _channels("change"),
+                    },
+                )
+            promoted_row = await promote.fetchone()
+            return (promoted_row[0] if promoted_row else 0), await claim.fetchall()
+
+        promoted, rows = await self._run(body)
+        if promoted:
+            self.notifier.notify("work", "change")
+        elif rows:
+            self.notifier.notify("change")
+        return [run_from_row(row) for row in rows]
+
+    def heartbeat_blocking(self, worker_id: str, leases: Sequence[Lease], lease_timeout: float) -> set[int]:
+        params = {
+            "run": [lease.run_id for lease in leases],
+            "attempt": [lease.attempt for lease in leases],
+            "worker": worker_id,
+            "lease_timeout": float(lease_timeout),
+            "now": self._now(),
+        }
+        with self._hb_lock:
+            for attempt in range(2):
+                try:
+                    if self._hb_conn is None or self._hb_conn.closed:
+                        self._hb_conn = psycopg.connect(self._conninfo_for("heartbeat"), autocommit=True)
+                    rows = self._hb_conn.execute(Q["heartbeat"], params).fetchall()
+                    return {row[0] for row in rows}
+                except psycopg.OperationalError as exc:
+                    # The statement is idempotent: reconnect once (after a server restart, a dropped socket).
+                    if self._hb_conn is not None:
+                        self._hb_conn.close()
+                        self._hb_conn = None
+                    if attempt == 1:
+                        raise StoreUnavailable(
+                            f"heartbeat to PostgreSQL at {self.display_url} failed: {_first_line(exc)}"
+                        ) from exc
+        raise AssertionError("unreachable")
+
+    async def held_leases(self, worker_id: str, leases: Sequence[Lease]) -> set[int]:
+        if not leases:
+            return set()
+        rows = await self._fetch(
+            Q["held_leases"],
+            {"run": [x.run_id for x in leases], "attempt": [x.attempt for x in leases], "worker": worker_id},
+        )
+        return {row[0] for row in rows}
+
+    async def finish_attempts(self, finishes: Sequence[Finish], *, worker_id: str) -> list[bool]:
+        if not finishes:
+            return []
+        batches = rounds(finishes, key=lambda f: f.run_id)
+        topics: list[Topic] = ["change"]
+        if any(f.outcome == "retrying" for f in finishes):
+            topics.append("work")  # an idle worker sleeps until the earliest due time: it may now be sooner
+
+        async def body(conn: AConn) -> list[bool]:
+            done = [False] * len(finishes)
+            async with conn.transaction() if len(batches) > 1 else contextlib.nullcontext():
+                for batch in batches:
+                    params = {
+                        **finish_params([f for _, f in batch]),
+                        "worker": worker_id,
+                        "now": self._now(),
+                        "token": self._token,
+                        "channels": _channels(*topics),
+                    }
+                    cur = await conn.execute(Q["finish_attempts"], params)
+                    finished = {row[0] for row in await cur.fetchall()}
+                    for index, f in batch:
+                        done[index] = f.run_id in finished
+            return done
+
+        done = await self._run(body)
+        if any(done):
+            self.notifier.notify(*topics)
+        return done
+
+    async def release_runs(self, leases: Sequence[Lease], *, worker_id: str) -> list[int]:
+        if not leases:
+            return []
+        rows = await self._fetch(
+            Q["release_runs"],
+            {
+                "run": [x.run_id for x in leases],
+                "attempt": [x.attempt for x in leases],
+                "worker": worker_id,
+                "now": self._now(),
+                "token": self._token,
+                "channels": _channels("work", "change"),
+            },
+        )
+        if rows:
+            self.notifier.notify("work", "change")
+        return sorted(row[0] for row in rows)
+
+    async def reap_expired_leases(self) -> list[int]:
+        rows = await self._fetch(
+            Q["reap_expired_leases"],
+            {"now": self._now(), "token": self._token, "channels": _channels("work", "change", "cancel")},
+        )
+        if rows:
+            self.notifier.notify("work", "change", "cancel")
+        return sorted(row[0] for row in rows)
+
+    async def expire_runs(self) -> list[int]:
+        rows = await self._fetch(
+            Q["expire_runs"], {"now": self._now(), "token": self._token, "channels": _channels("change")}
+        )
+        if rows:
+            self.notifier.notify("change")
+        return sorted(row[0] for row in rows)
+
+    async def next_due_at(self, *, queues: Sequence[str], jobs: Sequence[str]) -> float | None:
+        if not queues or not jobs:
+            return None
+        rows = await self._fetch(Q["next_due_at"], {"queues": list(queues), "jobs": list(jobs)})
+        due: datetime | None = rows[0][0] if rows else None
+        return None if due is None else due.timestamp()
+
+    # -- housekeeping ---------------------------------------------------------------------------------------
+
+    async def prune(self, older_than: float) -> int:
+        rows = await self._fetch(Q["prune"], {"older_than": to_datetime(older_than)})
+        return int(rows[0][0]) if rows else 0

@@ -1,0 +1,187 @@
+"""PostgreSQL-only properties of the store's SQL: the claim plan, claim integrity under contention, dedup races
+with rolled-back holders, bulk inserts, concurrent migrators."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from runlane.errors import RunConflict
+from runlane.models import ACTIVE_STATUSES
+from runlane.store import Finish, NewRun
+from runlane.store.postgres import PostgresStore
+from runlane.store.postgres.queries import Q
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def pg(pg_url: str) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(pg_url)
+    await store.open()
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _plan_nodes(plan: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.get("Plans", []))
+    return out
+
+
+@pytest.mark.parametrize("queues", [["q0"], ["q0", "q1"]])
+@pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_claim_plan_scans_the_partial_index_in_order_and_materialises_candidates(
+    pg: PostgresStore, pg_url: str, queues: list[str], plan_mode: str
+) -> None:
+    await pg.insert_runs([NewRun("a", {}, queue=f"q{i % 3}", priority=i % 3) for i in range(6000)])
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE runlane_runs SET status = 'succeeded' WHERE id % 4 <> 0")
+        conn.execute("ANALYZE runlane_runs")
+        conn.execute(f"SET plan_cache_mode = {plan_mode}")
+        params = {
+            "now": None,
+            "queues": queues,
+            "jobs": ["a"],
+            "limit": 10,
+            "worker": "w",
+            "lease_timeout": 30.0,
+            "token": "t",
+            "channels": [],
+        }
+        row = conn.execute("EXPLAIN (FORMAT JSON) " + Q["claim"], params).fetchone()
+    assert row is not None
+    plan = row[0] if not isinstance(row[0], str) else json.loads(row[0])
+    nodes = _plan_nodes(plan[0]["Plan"])
+    candidates = [n for n in nodes if n.get("Subplan Name") == "CTE candidates"]
+    assert candidates, "candidates must be a materialised CTE"
+    under = _plan_nodes(candidates[0])
+    scans = [n for n in under if n.get("Index Name") == "runlane_runs_claim"]
+    assert scans and all(n["Node Type"] == "Index Scan" for n in scans), [n["Node Type"] for n in under]
+    # The locking happens under a LIMIT fed straight by the ordered index scan: no sort of the whole queue.
+    lock_rows = [n for n in under if n["Node Type"] == "LockRows"]
+    assert lock_rows
+    assert all(n["Node Type"] != "Sort" for n in _plan_nodes(lock_rows[0]))
+
+
+async def test_concurrent_claimers_claim_each_run_exactly_once(pg_url: str) -> None:
+    stores = [PostgresStore(pg_url) for _ in range(2)]
+    for s in stores:
+        await s.open()
+    await stores[0].migrate()
+    try:
+        total = 2000
+        await stores[0].insert_runs([NewRun("a", {}, priority=i % 5) for i in range(total)])
+        claimed: Counter[tuple[int, int]] = Counter()
+        sizes: list[int] = []
+
+        async def claimer(n: int) -> None:
+            store = stores[n % 2]
+            while True:
+                runs = await store.claim(f"w{n}", queues=["default"], jobs=["a"], limit=10, lease_timeout=30)
+                if not runs:
+                    return
+                sizes.append(len(runs))
+                claimed.update((r.id, r.attempt) for r in runs)
+                await store.finish_attempts(
+                    [Finish(r.id, r.attempt, "succeeded") for r in runs], worker_id=f"w{n}"
+                )
+
+        await asyncio.gather(*(claimer(n) for n in range(8)))
+        assert len(claimed) == total
+        assert set(claimed.values()) == {1}
+        assert max(sizes) <= 10
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_bulk_insert_returns_runs_in_input_order_with_increasing_ids(pg: PostgresStore) -> None:
+    runs = await pg.insert_runs([NewRun("a", {"i": i}, tags=("x", 'q"uote')) for i in range(12_000)])
+    assert [r.args["i"] for r in runs] == list(range(12_000))
+    ids = [r.id for r in runs]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    stored = await pg.get_run(runs[-1].id)
+    assert stored == runs[-1]
+
+
+async def test_dedup_race_with_rolled_back_holders_keeps_exactly_one_active_run(pg_url: str) -> None:
+    """Many triggers of one dedup id at once, half in caller transactions that roll back (cf. oban#1087)."""
+    store = PostgresStore(pg_url, pool_max_size=8)
+    await store.open()
+    await store.migrate()
+    try:
+        for round_ in range(5):
+            dedup = f"race-{round_}"
+            outcomes: list[tuple[str, int]] = []
+
+            async def direct(
+                policy: str, dedup: str = dedup, outcomes: list[tuple[str, int]] = outcomes
+            ) -> None:
+                try:
+                    (run,) = await store.insert_runs(
+                        [NewRun("a", {}, dedup_id=dedup)],
+                        on_conflict=policy,  # type: ignore[arg-type]
+                    )
+                    outcomes.append(("ok", run.id))
+                except RunConflict as exc:
+                    outcomes.append(("conflict", exc.existing_run_id))
+
+            async def rolled_back(dedup: str = dedup) -> None:
+                async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+                    try:
+                        await store.insert_runs_in_transaction(conn, [NewRun("a", {}, dedup_id=dedup)])
+                        await asyncio.sleep(0.01)  # hold the index entry while the others queue behind it
+                    except RunConflict:
+                        pass
+                    await conn.rollback()
+
+            tasks = [rolled_back() for _ in range(8)]
+            tasks += [direct("raise") for _ in range(4)] + [direct("return_existing") for _ in range(4)]
+            await asyncio.gather(*tasks)
+
+            with psycopg.connect(pg_url) as conn:
+                rows = conn.execute(
+                    "SELECT id FROM runlane_runs WHERE dedup_id = %s AND status = ANY(%s)",
+                    (dedup, [s.value for s in ACTIVE_STATUSES]),
+                ).fetchall()
+            assert len(rows) == 1, rows  # a committed trigger happened, so exactly one run exists
+            winner = rows[0][0]
+            assert all(run_id == winner for _, run_id in outcomes), outcomes
+            assert sum(1 for kind, _ in outcomes if kind == "ok") >= 1
+    finally:
+        await store.close()
+
+
+async def test_concurrent_migrators_apply_each_migration_once(pg_url: str) -> None:
+    # A fresh schema stands in for a fresh database; it also proves libpq `options` in the URL are kept.
+    schema = "runlane_migrate_race"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        conn.execute(f"CREATE SCHEMA {schema}")
+    url = f"{pg_url}?options=-c%20search_path%3D{schema}"
+    stores = [PostgresStore(url) for _ in range(4)]
+    try:
+        assert (await stores[0].schema_version())[0] == 0
+        results = await asyncio.gather(*(s.migrate() for s in stores))
+        current, latest = await stores[0].schema_version()
+        assert current == latest >= 1
+        assert sorted(v for r in results for v in r) == list(range(1, latest + 1))
+    finally:
+        for s in stores:
+            await s.close()
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")

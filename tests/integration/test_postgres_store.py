@@ -1,0 +1,264 @@
+"""PostgresStore as a process sees it: connections, the LISTEN thread, transactional enqueue, several loops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+
+from runlane.errors import RunConflict, StoreUnavailable
+from runlane.models import RunFilter
+from runlane.store import Lease, NewRun, create_store
+from runlane.store.postgres import PostgresStore
+from runlane.store.postgres.config import PostgresOptions, hide_password
+
+pytestmark = pytest.mark.postgres
+
+WAIT = 20.0  # generous: these waits end on an event, the timeout only catches a hang
+
+
+@pytest.fixture
+async def pg(pg_url: str) -> AsyncIterator[PostgresStore]:
+    store = PostgresStore(pg_url)
+    await store.open()
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _terminate(url: str, pid: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+# -- connection errors and options ------------------------------------------------------------------------------
+
+
+async def test_missing_database_is_store_unavailable_naming_it(pg_url: str) -> None:
+    url = pg_url.rpartition("/")[0] + "/runlane_no_such_database"
+    store = create_store(url)
+    with pytest.raises(StoreUnavailable, match="runlane_no_such_database") as info:
+        await store.open()
+    assert isinstance(info.value.__cause__, psycopg.OperationalError)
+    await store.close()
+
+
+async def test_wrong_port_is_store_unavailable() -> None:
+    store = create_store("postgresql://postgres:secret@127.0.0.1:1/test?connect_timeout=2")
+    with pytest.raises(StoreUnavailable) as info:
+        await store.open()
+    assert isinstance(info.value.__cause__, psycopg.OperationalError)
+    assert "secret" not in str(info.value)
+    await store.close()
+
+
+def test_display_url_hides_the_password() -> None:
+    assert hide_password("postgresql://bob:s3cret@db:5432/app") == "postgresql://bob:***@db:5432/app"
+    assert "s3cret" not in hide_password("postgresql://db/app?password=s3cret&sslmode=require")
+    assert PostgresStore("postgresql://bob:pw@h/db").display_url == "postgresql://bob:***@h/db"
+
+
+def test_options_come_from_the_url_and_explicit_ones_win() -> None:
+    conninfo, opts = PostgresOptions.parse(
+        "postgres://u@h/db?pool_size=7&statement_timeout=off&application_name=app&sslmode=disable",
+        {"pool_min_size": 2},
+    )
+    assert (opts.pool_max_size, opts.pool_min_size, opts.statement_timeout) == (7, 2, None)
+    assert opts.application_name == "app"
+    assert conninfo == "postgresql://u@h/db?sslmode=disable"
+    _, opts = PostgresOptions.parse("postgresql://u@h/db?pool_size=7", {"pool_size": 3})
+    assert opts.pool_max_size == 3
+    with pytest.raises(TypeError, match="bogus"):
+        PostgresOptions.parse("postgresql://u@h/db", {"bogus": 1})
+
+
+async def test_connections_carry_the_application_name_and_timeout(pg: PostgresStore, pg_url: str) -> None:
+    await pg.get_run(1)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        names = {r[0] for r in conn.execute("SELECT application_name FROM pg_stat_activity").fetchall()}
+    assert {"runlane", "runlane-listener"} <= names
+
+
+# -- the listener --------------------------------------------------------------------------------------------
+
+
+async def test_another_store_wakes_this_one_without_run_payloads(pg: PostgresStore, pg_url: str) -> None:
+    other = PostgresStore(pg_url)
+    await other.open()
+    with psycopg.connect(pg_url, autocommit=True) as spy:
+        spy.execute("LISTEN runlane_work")
+        try:
+            since = pg.notifier.generation("work")
+            waiting = asyncio.create_task(pg.notifier.wait("work", since, WAIT))
+            await other.insert_runs([NewRun("a", {"secret": "payload"})])
+            assert await waiting
+            notes = list(spy.notifies(timeout=WAIT, stop_after=1))
+        finally:
+            await other.close()
+    assert notes and notes[0].payload in {"", other._token}
+    assert "payload" not in notes[0].payload
+
+
+async def test_listener_reconnects_after_its_backend_is_terminated(pg: PostgresStore, pg_url: str) -> None:
+    listener = pg.listener
+    assert listener is not None and listener.backend_pid is not None
+    connections = listener.connections
+    generations = {t: pg.notifier.generation(t) for t in ("work", "change", "cancel")}
+
+    _terminate(pg_url, listener.backend_pid)
+    assert await asyncio.to_thread(listener.wait_listening, WAIT, after=connections)
+    # Wake-ups may have been lost while it was down: every topic was signalled once.
+    assert all(pg.notifier.generation(t) > g for t, g in generations.items())  # type: ignore[arg-type]
+
+    since = pg.notifier.generation("work")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("NOTIFY runlane_work")
+    assert await pg.notifier.wait("work", since, WAIT)
+
+
+async def test_close_stops_the_listener_thread(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    assert any(t.name == "runlane-pg-listener" for t in threading.enumerate())
+    await store.close()
+    await store.close()  # idempotent
+    assert not any(t.name == "runlane-pg-listener" for t in threading.enumerate())
+
+
+# -- transactional enqueue ------------------------------------------------------------------------------------
+
+
+async def test_transactional_insert_exists_iff_the_caller_commits_sync(
+    pg: PostgresStore, pg_url: str
+) -> None:
+    with psycopg.connect(pg_url) as conn:
+        (run,) = await pg.insert_runs_in_transaction(conn, [NewRun("a", {})])
+        assert await pg.get_run(run.id) is None  # not visible before commit
+        conn.rollback()
+    assert await pg.get_run(run.id) is None
+
+    since = pg.notifier.generation("work")
+    with psycopg.connect(pg_url) as conn:
+        with conn.transaction():
+            (run,) = pg.insert_runs_in_transaction_blocking(conn, [NewRun("a", {})])
+        # The NOTIFY queued in the transaction fired at commit and reached this store's listener.
+        assert await pg.notifier.wait("work", since, WAIT)
+    stored = await pg.get_run(run.id)
+    assert stored is not None and stored.status == "pending"
+
+
+async def test_transactional_insert_exists_iff_the_caller_commits_async(
+    pg: PostgresStore, pg_url: str
+) -> None:
+    async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+        async with conn.transaction():
+            (kept,) = await pg.insert_runs_in_transaction(conn, [NewRun("a", {})])
+        await conn.execute("SELECT 1")
+        (dropped,) = await pg.insert_runs_in_transaction(conn, [NewRun("a", {})])
+        await conn.rollback()
+    assert await pg.get_run(kept.id) is not None
+    assert await pg.get_run(dropped.id) is None
+
+
+async def test_transactional_conflict_leaves_the_caller_transaction_usable(
+    pg: PostgresStore, pg_url: str
+) -> None:
+    (holder,) = await pg.insert_runs([NewRun("a", {}, dedup_id="d")])
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("CREATE TEMP TABLE app_rows (x int)")
+        with pytest.raises(RunConflict) as info:
+            pg.insert_runs_in_transaction_blocking(conn, [NewRun("a", {}), NewRun("a", {}, dedup_id="d")])
+        assert info.value.existing_run_id == holder.id
+        conn.execute("INSERT INTO app_rows VALUES (1)")  # still usable: only the trigger was undone
+        (same,) = pg.insert_runs_in_transaction_blocking(
+            conn, [NewRun("a", {}, dedup_id="d")], on_conflict="return_existing"
+        )
+        conn.commit()
+    assert same.id == holder.id
+    assert len(await pg.list_runs(RunFilter())) == 1
+
+
+async def test_transactional_insert_refuses_connections_outside_a_transaction(
+    pg: PostgresStore, pg_url: str
+) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        with pytest.raises(ValueError, match="autocommit"):
+            pg.insert_runs_in_transaction_blocking(conn, [NewRun("a", {})])
+        with conn.transaction():
+            (run,) = pg.insert_runs_in_transaction_blocking(conn, [NewRun("a", {})])
+    assert await pg.get_run(run.id) is not None
+    conn = psycopg.connect(pg_url)
+    conn.close()
+    with pytest.raises(StoreUnavailable):
+        pg.insert_runs_in_transaction_blocking(conn, [NewRun("a", {})])
+    with psycopg.connect(pg_url) as conn:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            conn.execute("SELECT 1 / 0")
+        with pytest.raises(ValueError, match="failed"):
+            pg.insert_runs_in_transaction_blocking(conn, [NewRun("a", {})])
+
+
+# -- threads and loops ----------------------------------------------------------------------------------------
+
+
+async def test_one_store_serves_two_event_loops_in_two_threads(pg: PostgresStore) -> None:
+    errors: list[BaseException] = []
+    ids: list[int] = []
+    start = threading.Barrier(2)
+
+    def thread_main(n: int) -> None:
+        async def work() -> None:
+            start.wait(WAIT)
+            for i in range(20):
+                (run,) = await pg.insert_runs([NewRun("a", {"thread": n, "i": i})])
+                fetched = await pg.get_run(run.id)
+                assert fetched is not None and fetched.args == {"thread": n, "i": i}
+                ids.append(run.id)
+
+        try:
+            asyncio.run(work())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread_main, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        await asyncio.to_thread(t.join, WAIT)
+    assert not errors, errors
+    assert len(set(ids)) == 40
+    assert len(await pg.get_runs(ids)) == 40
+
+
+async def test_close_closes_the_pool_of_a_loop_still_running_in_another_thread(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    await store.open()
+    await store.migrate()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(store.get_run(1), loop).result(WAIT)
+        assert len(store._pools) == 2
+        await store.close()
+        assert store._pools == {}
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join, WAIT)
+        loop.close()
+
+
+async def test_heartbeat_reconnects_after_its_connection_is_killed(pg: PostgresStore, pg_url: str) -> None:
+    await pg.register_worker("w1", {})
+    (run,) = await pg.insert_runs([NewRun("a", {})])
+    (claimed,) = await pg.claim("w1", queues=["default"], jobs=["a"], limit=1, lease_timeout=30)
+    leases = [Lease(claimed.id, claimed.attempt)]
+    assert await asyncio.to_thread(pg.heartbeat_blocking, "w1", leases, 30) == {run.id}
+    assert pg._hb_conn is not None
+    _terminate(pg_url, pg._hb_conn.info.backend_pid)
+    assert await asyncio.to_thread(pg.heartbeat_blocking, "w1", leases, 30) == {run.id}
