@@ -6,9 +6,11 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from runlane.jobs import Job, JobOptions
+from runlane.limits import ConcurrencyKey, QueueLimits, RateLimit, parse_rate_limit
 from runlane.retry import DEFAULT_RETRY, Retry
 from runlane.settings import DEFAULT_URL, Settings
 from runlane.store import Store, create_store
@@ -32,6 +34,7 @@ class Runlane:
         self.url = url or os.environ.get("RUNLANE_URL") or DEFAULT_URL
         self.settings = Settings.load(settings)
         self.jobs: dict[str, Job[Any, Any]] = {}
+        self.queue_limits: dict[str, QueueLimits] = {}
         self._clock = clock
         self._store: Store | None = None
         self._store_lock = threading.Lock()
@@ -57,6 +60,15 @@ class Runlane:
         retry: Retry | None = None,
         timeout: float | None = None,
         priority: int = 0,
+        max_concurrency: int | None = None,
+        rate_limit: str | RateLimit | None = None,
+        concurrency_key: ConcurrencyKey | None = None,
+        schedule: str | None = None,
+        interval: timedelta | float | None = None,
+        timezone: str = "UTC",
+        overlap: str = "skip",
+        misfire: str = "latest",
+        max_catch_up: int = 100,
     ) -> Callable[[Callable[P, R]], Job[P, R]]: ...
 
     def job(
@@ -69,6 +81,15 @@ class Runlane:
         retry: Retry | None = None,
         timeout: float | None = None,
         priority: int = 0,
+        max_concurrency: int | None = None,
+        rate_limit: str | RateLimit | None = None,
+        concurrency_key: ConcurrencyKey | None = None,
+        schedule: str | None = None,
+        interval: timedelta | float | None = None,
+        timezone: str = "UTC",
+        overlap: str = "skip",
+        misfire: str = "latest",
+        max_catch_up: int = 100,
     ) -> Any:
         """Register a function as a job, with or without options."""
 
@@ -79,6 +100,15 @@ class Runlane:
                 retry=retry or DEFAULT_RETRY,
                 timeout=timeout,
                 priority=priority,
+                max_concurrency=max_concurrency,
+                rate_limit=parse_rate_limit(rate_limit),
+                concurrency_key=concurrency_key,
+                schedule=schedule,
+                interval=interval.total_seconds() if isinstance(interval, timedelta) else interval,
+                timezone=timezone,
+                overlap=overlap,
+                misfire=misfire,
+                max_catch_up=max_catch_up,
             )
             if options.name in self.jobs:
                 raise ValueError(f"a job named {options.name!r} is already registered")
@@ -95,6 +125,15 @@ class Runlane:
     def queues(self) -> list[str]:
         """Every queue the app's jobs use, sorted (a worker's default)."""
         return sorted({job.queue for job in self.jobs.values()}) or ["default"]
+
+    def queue(
+        self, name: str, *, max_concurrency: int | None = None, rate_limit: str | RateLimit | None = None
+    ) -> QueueLimits:
+        """Declare a queue's limits, global across workers: at most ``max_concurrency`` running runs and
+        ``rate_limit`` (``"N/s"``, ``"N/m"``, ``"N/h"``) starts. Recorded in the store when a worker starts."""
+        limits = QueueLimits(name, max_concurrency, parse_rate_limit(rate_limit))
+        self.queue_limits[name] = limits
+        return limits
 
     # -- store --------------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ progress in a tight loop without paying a store round trip per call.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -68,6 +69,10 @@ class JobContext:
         self._cancelled = threading.Event()
         self._client: Client | None = None
         self._async_client: AsyncClient | None = None
+        try:  # the worker's loop: sync jobs reach the store through it (ctx.inputs())
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
 
     # -- what the run is --------------------------------------------------------------------------------------
 
@@ -135,6 +140,14 @@ class JobContext:
     def _cancel(self) -> None:
         self._cancelled.set()
 
+    # -- inputs ---------------------------------------------------------------------------------------------------
+
+    def inputs(self) -> InputStream:
+        """The input items sent to this run (``client.send``), in order, from the first one ever sent (a retry
+        or a rerun sees them all again). ``async for`` in an async job, ``for`` in a sync one. Waits for more
+        until ``client.close_input(run_id)``; raises AttemptCancelled if the attempt is cancelled meanwhile."""
+        return InputStream(self)
+
     # -- triggering children ---------------------------------------------------------------------------------------
 
     @property
@@ -150,3 +163,67 @@ class JobContext:
         if self._client is None:
             self._client = self._app.client.with_parent(self._run.id)
         return self._client
+
+
+class InputStream:
+    """What ``ctx.inputs()`` returns: both an async iterator and (for sync jobs, on a worker thread) a
+    blocking one. Input events carry ``{"item": value}``, or ``{"end": true}`` after ``close_input``."""
+
+    _PAGE = 1000
+
+    def __init__(self, ctx: JobContext) -> None:
+        self._ctx = ctx
+        self._last_event = 0
+        self._items: deque[Any] = deque()
+        self._ended = False
+
+    def __aiter__(self) -> InputStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._items:
+            if self._ended:
+                raise StopAsyncIteration
+            await self._fetch()
+        return self._items.popleft()
+
+    def __iter__(self) -> InputStream:
+        return self
+
+    def __next__(self) -> Any:
+        loop = self._ctx._loop
+        if loop is None:
+            raise RuntimeError("ctx.inputs() needs the worker's event loop")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("an async job reads its inputs with `async for item in ctx.inputs()`")
+        try:
+            return asyncio.run_coroutine_threadsafe(self.__anext__(), loop).result()
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    async def _fetch(self) -> None:
+        """Read input events after the last one seen; wait for a change when there are none yet."""
+        ctx = self._ctx
+        store = await ctx._app.open_store()
+        notifier = store.notifier
+        while True:
+            ctx.raise_if_cancelled()
+            generation = notifier.generation("change")
+            page = await store.events(ctx.run_id, since=self._last_event, limit=self._PAGE)
+            for event in page:
+                self._last_event = event.id
+                if event.kind != "input":
+                    continue
+                data = event.data if isinstance(event.data, dict) else {}
+                if data.get("end"):
+                    self._ended = True
+                    return
+                self._items.append(data.get("item"))
+            if self._items:
+                return
+            if len(page) < self._PAGE:
+                await notifier.wait("change", generation, ctx._app.settings.poll_interval)

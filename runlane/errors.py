@@ -4,14 +4,18 @@
      ├── JobNotFound
      ├── InvalidArguments
      ├── InvalidSchedule
+     │    └── ScheduleNotFound     .schedule_id
      ├── RunConflict              .existing_run_id
      ├── RunNotFound              .run_id
+     ├── RunFinished              .run_id, .status: the run has already ended (send to a terminal run)
+     ├── BatchNotFound            .batch_id
      ├── RunFailed                .run, .error
      │    └── RunCancelled
      ├── JobTimeout
      ├── NonRetryable             raised by job code to fail a run at once
      ├── StoreUnavailable         driver errors kept as __cause__
      │    └── SchemaOutdated
+     ├── InvalidConnection        trigger(connection=…) cannot use that connection
      └── BatchFailed              also an ExceptionGroup of RunFailed
 
 A docstring reads "Raised when …" and doubles as the default message.
@@ -57,6 +61,14 @@ class InvalidSchedule(RunlaneError):
     """Raised when a cron expression, timezone or schedule option is invalid."""
 
 
+class ScheduleNotFound(InvalidSchedule):
+    """Raised when no schedule has the given id."""
+
+    def __init__(self, schedule_id: str) -> None:
+        self.schedule_id = schedule_id
+        super().__init__(f"schedule {schedule_id!r} not found")
+
+
 class RunConflict(RunlaneError):
     """Raised when a non-terminal run with the same dedup id already exists."""
 
@@ -72,6 +84,23 @@ class RunNotFound(RunlaneError):
     def __init__(self, run_id: int) -> None:
         self.run_id = run_id
         super().__init__(f"run {run_id} not found")
+
+
+class RunFinished(RunlaneError):
+    """Raised when an action needs an active run but the run has already ended."""
+
+    def __init__(self, run_id: int, status: str) -> None:
+        self.run_id = run_id
+        self.status = status
+        super().__init__(f"run {run_id} has already ended ({status}): it accepts no more input")
+
+
+class BatchNotFound(RunlaneError):
+    """Raised when no batch has the given id."""
+
+    def __init__(self, batch_id: int) -> None:
+        self.batch_id = batch_id
+        super().__init__(f"batch {batch_id} not found")
 
 
 class RunFailed(RunlaneError):
@@ -101,6 +130,11 @@ class StoreUnavailable(RunlaneError):
 
 class SchemaOutdated(StoreUnavailable):
     """Raised when the store's schema is older than this version of Runlane; run `runlane migrate`."""
+
+
+class InvalidConnection(RunlaneError, ValueError):
+    """Raised when the connection given to ``trigger(connection=…)`` cannot carry the run: it is not inside a
+    usable transaction, or the store is not PostgreSQL."""
 
 
 class BatchFailed(ExceptionGroup[RunFailed], RunlaneError):

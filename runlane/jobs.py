@@ -17,6 +17,7 @@ import pydantic
 import pydantic_core
 
 from runlane.errors import InvalidArguments
+from runlane.limits import ConcurrencyKey, JobLimits, RateLimit, check_max_concurrency
 from runlane.models import JobInfo
 from runlane.retry import DEFAULT_RETRY, Retry
 from runlane.serialization import NotSerializable, to_jsonable
@@ -36,6 +37,15 @@ class JobOptions:
     retry: Retry = DEFAULT_RETRY
     timeout: float | None = None
     priority: int = 0
+    max_concurrency: int | None = None
+    rate_limit: RateLimit | None = None
+    concurrency_key: ConcurrencyKey | None = None
+    schedule: str | None = None
+    interval: float | None = None
+    timezone: str = "UTC"
+    overlap: str = "skip"
+    misfire: str = "latest"
+    max_catch_up: int = 100
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -44,13 +54,35 @@ class JobOptions:
             raise ValueError(f"job {self.name!r}: queue must be a non-empty string")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"job {self.name!r}: timeout must be positive")
+        check_max_concurrency(self.max_concurrency, f"job {self.name!r}")
+        if self.concurrency_key is not None and not (
+            (isinstance(self.concurrency_key, str) and self.concurrency_key) or callable(self.concurrency_key)
+        ):
+            raise ValueError(f"job {self.name!r}: concurrency_key must be an argument name or a callable")
+        if self.schedule is not None or self.interval is not None:
+            from runlane.scheduler.cron import check_policies, make_timing
+
+            make_timing(self.schedule, self.interval, self.timezone)
+            check_policies(self.overlap, self.misfire, self.max_catch_up)
+
+    @property
+    def limits(self) -> JobLimits:
+        return JobLimits(self.name, self.max_concurrency, self.rate_limit)
 
     def to_dict(self) -> dict[str, Any]:
+        key = self.concurrency_key
         return {
             "queue": self.queue,
             "retry": self.retry.to_dict(),
             "timeout": self.timeout,
             "priority": self.priority,
+            "max_concurrency": self.max_concurrency,
+            "rate_limit": None if self.rate_limit is None else str(self.rate_limit),
+            # A callable key cannot travel: client-only processes refuse to trigger such a job.
+            "concurrency_key": key if key is None or isinstance(key, str) else {"callable": True},
+            "schedule": self.schedule,
+            "interval": self.interval,
+            "timezone": self.timezone,
         }
 
 

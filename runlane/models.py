@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -100,6 +100,72 @@ class Run(_Record):
 
 
 @dataclass(frozen=True, slots=True)
+class Batch(_Record):
+    """A set of child runs created together. ``counts`` holds how many children are in each status now,
+    kept by the store in the same transaction as each child's status change; ``finish_seq`` counts the
+    children's terminal transitions so far (a retried child that ends again counts again)."""
+
+    id: int
+    created_at: datetime
+    parent_run_id: int | None
+    total: int
+    counts: dict[RunStatus, int]
+    finish_seq: int = 0
+
+    @property
+    def finished(self) -> int:
+        """How many children are terminal now."""
+        return sum(n for status, n in self.counts.items() if status.is_terminal)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finished == self.total
+
+    @property
+    def status(self) -> RunStatus:
+        """Derived from the children: ``pending`` until one starts, ``running`` until all are terminal, then
+        ``failed`` if any failed, else ``cancelled`` if any was cancelled, else ``succeeded``."""
+        if not self.is_finished:
+            waiting = self.counts.get(RunStatus.PENDING, 0) + self.counts.get(RunStatus.SCHEDULED, 0)
+            return RunStatus.PENDING if waiting == self.total else RunStatus.RUNNING
+        if self.counts.get(RunStatus.FAILED, 0):
+            return RunStatus.FAILED
+        if self.counts.get(RunStatus.CANCELLED, 0):
+            return RunStatus.CANCELLED
+        return RunStatus.SUCCEEDED
+
+
+@dataclass(frozen=True, slots=True)
+class RunTree(_Record):
+    """A run with its children, recursively, each level ordered by id (creation order): what
+    ``client.tree(run_id)`` returns for the whole tree of a run's root."""
+
+    run: Run
+    children: tuple[RunTree, ...] = ()
+
+    def walk(self) -> Iterator[tuple[int, Run]]:
+        """Depth-first, parents before children: ``(depth, run)`` in display order (the root at depth 0)."""
+        stack: list[tuple[int, RunTree]] = [(0, self)]
+        while stack:
+            depth, node = stack.pop()
+            yield depth, node.run
+            stack.extend((depth + 1, child) for child in reversed(node.children))
+
+    def find(self, run_id: int) -> RunTree | None:
+        """The subtree of ``run_id``, if it is in this tree."""
+        stack: list[RunTree] = [self]
+        while stack:
+            node = stack.pop()
+            if node.run.id == run_id:
+                return node
+            stack.extend(node.children)
+        return None
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.walk())
+
+
+@dataclass(frozen=True, slots=True)
 class Attempt(_Record):
     number: int
     worker_id: str
@@ -154,3 +220,52 @@ class RunFilter(_Record):
     @property
     def statuses(self) -> tuple[RunStatus, ...]:
         return _statuses(self.status)
+
+
+ScheduleOverlap = Literal["skip", "allow", "queue"]
+ScheduleMisfire = Literal["latest", "skip", "all"]
+OVERLAP_POLICIES: tuple[str, ...] = ("skip", "allow", "queue")
+MISFIRE_POLICIES: tuple[str, ...] = ("latest", "skip", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule(_Record):
+    """A recurring trigger. ``cron`` or ``interval`` (seconds) says when; it fires while ``active``: enabled
+    (``pause``/``resume``) and not disabled by the code (``disabled_reason``, e.g. removed from code)."""
+
+    id: str
+    job: str
+    args: dict[str, Any]
+    cron: str | None
+    interval: float | None
+    timezone: str
+    overlap: str
+    misfire: str
+    max_catch_up: int
+    queue: str
+    enabled: bool
+    source: Literal["code", "runtime"]
+    disabled_reason: str | None
+    next_fire_at: datetime | None
+    last_fire_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    next_fire_times: tuple[datetime, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.disabled_reason is None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo(_Record):
+    """A queue as ``client.queues()`` reports it: active runs by status, pause state and limits."""
+
+    name: str
+    paused: bool
+    scheduled: int
+    pending: int
+    running: int
+    retrying: int
+    max_concurrency: int | None
+    rate_limit: str | None

@@ -29,6 +29,7 @@ from runlane.cli.common import (
 )
 from runlane.cli.output import fmt_time
 from runlane.cli.runs import COMMANDS
+from runlane.cli.schedules import COMMANDS as FLOW_COMMANDS
 from runlane.errors import RunlaneError
 from runlane.models import to_datetime
 
@@ -55,7 +56,7 @@ def cli() -> None:
     """
 
 
-for command in COMMANDS:
+for command in [*COMMANDS, *FLOW_COMMANDS]:
     cli.add_command(command)
 
 

@@ -3,5 +3,6 @@
 from runlane.client.async_client import AsyncClient
 from runlane.client.portal import Portal
 from runlane.client.sync_client import Client
+from runlane.client.workflows import BatchItem
 
-__all__ = ["AsyncClient", "Client", "Portal"]
+__all__ = ["AsyncClient", "BatchItem", "Client", "Portal"]

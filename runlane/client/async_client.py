@@ -4,23 +4,63 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from runlane.errors import InvalidArguments, JobNotFound, RunCancelled, RunFailed, RunNotFound
+from runlane.errors import (
+    BatchFailed,
+    BatchNotFound,
+    InvalidArguments,
+    JobNotFound,
+    RunCancelled,
+    RunFailed,
+    RunFinished,
+    RunNotFound,
+)
 from runlane.jobs import Job, validate_with_schema
-from runlane.models import Attempt, Event, JobInfo, Run, RunFilter, RunStatus, to_timestamp
-from runlane.store import NewRun, Store
-from runlane.store.base import ConflictPolicy
+from runlane.limits import concurrency_key_value
+from runlane.models import (
+    Attempt,
+    Batch,
+    Event,
+    JobInfo,
+    QueueInfo,
+    Run,
+    RunFilter,
+    RunStatus,
+    RunTree,
+    to_timestamp,
+)
+from runlane.serialization import NotSerializable, to_jsonable
+from runlane.store import EventDraft, NewRun, Store
+from runlane.store.base import CONTINUE_WHEN, ConflictPolicy, ContinueWhen
 
+from .schedules import AsyncSchedules
 from .watcher import RunWatcher
+from .workflows import BatchItem, build_tree, follow_batch
 
 if TYPE_CHECKING:
     from runlane.app import Runlane
 
 JobRef = str | Job[Any, Any]
+_BATCH_OPTIONS = frozenset({"not_before", "not_after", "priority", "queue", "max_attempts", "tags"})
 When = datetime | timedelta | None
 _PAGE = 200
+
+
+def run_concurrency_key(
+    name: str, local: Job[Any, Any] | None, info: JobInfo | None, data: Mapping[str, Any]
+) -> str | None:
+    """The partition of the job's limits a run counts in, computed once, at trigger time."""
+    if local is not None:
+        return concurrency_key_value(local.options.concurrency_key, data, name)
+    spec = info.options.get("concurrency_key") if info is not None else None
+    if isinstance(spec, dict):
+        raise InvalidArguments(
+            f"job {name!r} computes its concurrency key in code: trigger it from a process that defines the job"
+        )
+    return concurrency_key_value(spec if isinstance(spec, str) else None, data, name)
 
 
 def _absolute(value: When, now: float, name: str) -> float | None:
@@ -121,6 +161,7 @@ class AsyncClient:
             dedup_id=dedup_id,
             tags=tuple(str(t) for t in tags or ()),
             parent_run_id=self.parent_run_id,
+            concurrency_key=run_concurrency_key(name, local, info, data),
         )
 
     async def trigger(
@@ -136,8 +177,12 @@ class AsyncClient:
         max_attempts: int | None = None,
         tags: Iterable[str] | None = None,
         on_conflict: ConflictPolicy = "raise",
+        connection: Any = None,
     ) -> Run:
-        """Enqueue one run and return it at once (``pending``, or ``scheduled`` when ``not_before`` is later)."""
+        """Enqueue one run and return it at once (``pending``, or ``scheduled`` when ``not_before`` is later).
+
+        ``connection``: a psycopg connection (sync or async) inside the caller's transaction; the run is
+        inserted in that transaction and exists iff it commits (PostgreSQL only)."""
         store = await self._store()
         new = await self._new_run(
             store,
@@ -151,7 +196,10 @@ class AsyncClient:
             max_attempts=max_attempts,
             tags=tags,
         )
-        (run,) = await store.insert_runs([new], on_conflict=on_conflict)
+        if connection is not None:
+            (run,) = await store.insert_runs_in_transaction(connection, [new], on_conflict=on_conflict)
+        else:
+            (run,) = await store.insert_runs([new], on_conflict=on_conflict)
         return run
 
     async def trigger_many(
@@ -166,9 +214,11 @@ class AsyncClient:
         max_attempts: int | None = None,
         tags: Iterable[str] | None = None,
         chunk_size: int = 5000,
+        connection: Any = None,
     ) -> list[Run]:
         """Enqueue many runs of one job, one store round trip per chunk. All arguments are validated before
-        anything is written; a chunk is written all-or-nothing."""
+        anything is written; a chunk is written all-or-nothing. With ``connection`` (PostgreSQL), all of
+        them go into the caller's transaction."""
         store = await self._store()
         tag_tuple = tuple(tags or ())
         news = [
@@ -188,7 +238,11 @@ class AsyncClient:
         ]
         runs: list[Run] = []
         for start in range(0, len(news), chunk_size):
-            runs.extend(await store.insert_runs(news[start : start + chunk_size]))
+            chunk = news[start : start + chunk_size]
+            if connection is not None:
+                runs.extend(await store.insert_runs_in_transaction(connection, chunk))
+            else:
+                runs.extend(await store.insert_runs(chunk))
         return runs
 
     # -- waiting -----------------------------------------------------------------------------------------------
@@ -257,6 +311,11 @@ class AsyncClient:
         old = await store.get_run(run_id)
         if old is None:
             raise RunNotFound(run_id)
+        try:
+            name, local, info = await self._resolve(old.job, store)
+            key = run_concurrency_key(name, local, info, old.args)
+        except (JobNotFound, InvalidArguments):
+            key = None  # no definition here: the new run counts in the job's unkeyed partition
         new = NewRun(
             job=old.job,
             args=old.args,
@@ -265,9 +324,222 @@ class AsyncClient:
             max_attempts=old.max_attempts,
             tags=old.tags,
             parent_run_id=self.parent_run_id,
+            concurrency_key=key,
         )
+        inputs: list[Any] = []
+        since = 0
+        while True:  # input items are part of what the run was asked to do: the new run gets them too
+            page = await store.events(run_id, since=since)
+            inputs.extend(e.data for e in page if e.kind == "input")
+            if len(page) < 1000:
+                break
+            since = page[-1].id
         (run,) = await store.insert_runs([new])
+        if inputs:
+            await store.append_events([EventDraft(run.id, "input", data) for data in inputs])
         return run
+
+    # -- workflows: streams, batches, continuations, inputs, trees --------------------------------------------------
+
+    async def wait_stream(self, run_id: int, since: int | None = None) -> AsyncIterator[Any]:
+        """Observe a streaming run: its output items in order, live, from event id ``since`` (exclusive), until
+        it ends; then RunFailed / RunCancelled if it did not succeed (after the items it produced). A retried
+        attempt's items follow the failed attempt's. Stopping the iteration leaves the run alone."""
+        async for event in self.events(run_id, since):
+            if event.kind == "output":
+                yield event.data
+        final = await self.get_run(run_id)
+        if final is None:
+            raise RunNotFound(run_id)
+        _outcome(final)
+
+    async def stream(
+        self, job: JobRef, args: Mapping[str, Any] | None = None, **options: Any
+    ) -> AsyncIterator[Any]:
+        """Trigger a streaming job and yield its outputs as they are produced (see ``wait_stream``). The
+        call owns its run: cancelling the caller, or closing the iterator before the run ends, cancels it."""
+        store = await self._store()
+        name, local, _ = await self._resolve(job, store)
+        if local is not None and not local.is_streaming:
+            raise InvalidArguments(f"job {name!r} is not a streaming job (a generator or async generator)")
+        created = await self.trigger(job, args, **options)
+        ended = False
+        try:
+            async for item in self.wait_stream(created.id):
+                yield item
+            ended = True
+        except RunFailed:
+            ended = True
+            raise
+        finally:
+            if not ended:
+                await asyncio.shield(self.cancel(created.id))
+
+    async def _start_batch(
+        self,
+        job_or_items: JobRef | Iterable[BatchItem],
+        args_list: Iterable[Mapping[str, Any] | None] | None,
+        options: dict[str, Any],
+    ) -> tuple[Batch, list[Run]]:
+        if isinstance(job_or_items, (str, Job)):
+            if args_list is None:
+                raise InvalidArguments("run_batch(job, [args, …]) needs a list of arguments")
+            items = [BatchItem(job_or_items, args) for args in args_list]
+        else:
+            if args_list is not None:
+                raise InvalidArguments("run_batch([BatchItem(job, args), …]) takes no separate arguments")
+            items = list(job_or_items)
+            for item in items:
+                if not isinstance(item, BatchItem):
+                    raise InvalidArguments(f"run_batch items must be BatchItem(job, args), not {item!r}")
+        unknown = set(options) - _BATCH_OPTIONS
+        if unknown:
+            raise TypeError(
+                f"unexpected batch options: {sorted(unknown)} (allowed: {sorted(_BATCH_OPTIONS)})"
+            )
+        store = await self._store()
+        settings = {name: options.get(name) for name in _BATCH_OPTIONS}
+        news = [await self._new_run(store, it.job, it.args, dedup_id=None, **settings) for it in items]
+        return await store.insert_batch(news, parent_run_id=self.parent_run_id)
+
+    async def trigger_batch(
+        self,
+        job_or_items: JobRef | Iterable[BatchItem],
+        args_list: Iterable[Mapping[str, Any] | None] | None = None,
+        **options: Any,
+    ) -> Batch:
+        """Create a batch of children in one store round trip and return it at once (see ``wait_each``).
+        ``options``: ``not_before, not_after, priority, queue, max_attempts, tags`` for every child."""
+        batch, _ = await self._start_batch(job_or_items, args_list, options)
+        return batch
+
+    async def run_batch(
+        self,
+        job_or_items: JobRef | Iterable[BatchItem],
+        args_list: Iterable[Mapping[str, Any] | None] | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> list[Any]:
+        """Fan out children in one batch, wait for all and return their results in input order. Raises
+        BatchFailed (the RunFailed / RunCancelled of each child that did not succeed) once all have ended.
+        The call owns its batch: cancelling the caller (or ``timeout``) cancels the unfinished children."""
+        batch, children = await self._start_batch(job_or_items, args_list, options)
+        store = await self._store()
+        final: dict[int, Run] = {}
+        try:
+            async with asyncio.timeout(timeout):
+                async for run in follow_batch(store, batch.id, self.app.settings.poll_interval):
+                    final[run.id] = run
+        except (asyncio.CancelledError, TimeoutError):
+            await asyncio.shield(
+                store.cancel_batch(batch.id, reason=f"the caller of run_batch {batch.id} stopped")
+            )
+            raise
+        ends = [final[child.id] for child in children]
+        failures = [_failure(run) for run in ends if run.status is not RunStatus.SUCCEEDED]
+        if failures:
+            raise BatchFailed(
+                f"{len(failures)} of {len(ends)} children of batch {batch.id} did not succeed", failures
+            )
+        return [run.result for run in ends]
+
+    async def stream_batch(
+        self,
+        job_or_items: JobRef | Iterable[BatchItem],
+        args_list: Iterable[Mapping[str, Any] | None] | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Any]:
+        """Fan out like ``run_batch`` and yield each child's result as it finishes (completion order).
+        Fail-fast: raises the first failed child's RunFailed / RunCancelled; the other children keep running.
+        Owned: cancelling the caller or closing the iterator early cancels the unfinished children."""
+        batch, _ = await self._start_batch(job_or_items, args_list, options)
+        store = await self._store()
+        ended = False
+        try:
+            async for run in follow_batch(store, batch.id, self.app.settings.poll_interval):
+                if run.status is not RunStatus.SUCCEEDED:
+                    ended = True
+                    raise _failure(run)
+                yield run.result
+            ended = True
+        finally:
+            if not ended:
+                await asyncio.shield(
+                    store.cancel_batch(batch.id, reason=f"the caller of stream_batch {batch.id} stopped")
+                )
+
+    async def wait_each(self, batch_id: int) -> AsyncIterator[Run]:
+        """Observe an existing batch: yield each child run as it ends, until all have. BatchNotFound if none."""
+        store = await self._store()
+        async for run in follow_batch(store, batch_id, self.app.settings.poll_interval):
+            yield run
+
+    async def get_batch(self, batch_id: int) -> Batch | None:
+        store = await self._store()
+        return await store.get_batch(batch_id)
+
+    async def cancel_batch(self, batch_id: int) -> int:
+        """Cancel every non-terminal child of a batch (and their descendants); return how many children."""
+        store = await self._store()
+        if await store.get_batch(batch_id) is None:
+            raise BatchNotFound(batch_id)
+        return await store.cancel_batch(batch_id)
+
+    async def continue_with(
+        self,
+        parent_run_id: int,
+        job: JobRef,
+        args: Mapping[str, Any] | None = None,
+        *,
+        when: ContinueWhen = "succeeded",
+        on_conflict: ConflictPolicy = "raise",
+        **options: Any,
+    ) -> Run:
+        """A run that waits (``scheduled``) until ``parent_run_id`` ends, then starts if the parent's outcome
+        matches ``when`` (``succeeded``, ``failed``, ``cancelled`` or ``finished`` = any) and is cancelled
+        otherwise. Decided at once when the parent has already ended. Its ``parent_run_id`` is the parent."""
+        if when not in CONTINUE_WHEN:
+            raise InvalidArguments(f"when must be one of {list(CONTINUE_WHEN)}, not {when!r}")
+        unknown = set(options) - _BATCH_OPTIONS - {"dedup_id"}
+        if unknown:
+            raise TypeError(f"unexpected options: {sorted(unknown)}")
+        store = await self._store()
+        settings = {name: options.get(name) for name in (*_BATCH_OPTIONS, "dedup_id")}
+        new = await self._new_run(store, job, args, **settings)
+        new = replace(new, parent_run_id=parent_run_id, continue_when=when)
+        (run,) = await store.insert_runs([new], on_conflict=on_conflict)
+        return run
+
+    async def send(self, run_id: int, item: Any) -> None:
+        """Append an input item for a run that has not ended (``ctx.inputs()`` receives it). RunNotFound for
+        a missing run, RunFinished for one that has ended."""
+        try:
+            data = to_jsonable(item)
+        except NotSerializable as exc:
+            raise InvalidArguments(f"an input item must be JSON-serialisable: {exc}") from None
+        await self._append_input(run_id, {"item": data})
+
+    async def close_input(self, run_id: int) -> None:
+        """Mark the end of a run's input: ``ctx.inputs()`` stops once it has delivered the items before it."""
+        await self._append_input(run_id, {"end": True})
+
+    async def _append_input(self, run_id: int, data: dict[str, Any]) -> None:
+        store = await self._store()
+        if await store.append_events([EventDraft(run_id, "input", data)]):
+            run = await store.get_run(run_id)
+            if run is None:
+                raise RunNotFound(run_id)
+            raise RunFinished(run_id, run.status.value)
+
+    async def tree(self, run_id: int) -> RunTree:
+        """The whole tree of the run's root: ``RunTree(run, children)``, each level in creation order."""
+        store = await self._store()
+        run = await store.get_run(run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        runs = [r async for r in self.list_runs(RunFilter(root_run_id=run.root_run_id), limit=None)]
+        return build_tree(runs or [run], run.root_run_id)
 
     # -- reading -------------------------------------------------------------------------------------------------
 
@@ -298,6 +570,27 @@ class AsyncClient:
             raise RunNotFound(run_id)
         return await store.attempts(run_id)
 
+    # -- schedules and queues --------------------------------------------------------------------------------
+
+    @property
+    def schedules(self) -> AsyncSchedules:
+        """Recurring triggers: ``add``, ``get``, ``list``, ``pause``, ``resume``, ``toggle``, ``remove``."""
+        return AsyncSchedules(self)
+
+    async def pause_queue(self, name: str) -> None:
+        """Stop workers from claiming runs of ``name``; the queue keeps accepting runs."""
+        store = await self._store()
+        await store.set_queue_paused(name, True)
+
+    async def resume_queue(self, name: str) -> None:
+        store = await self._store()
+        await store.set_queue_paused(name, False)
+
+    async def queues(self) -> list[QueueInfo]:
+        """Every known queue: active runs by status, whether it is paused, and its limits."""
+        store = await self._store()
+        return await store.queue_stats()
+
     async def aclose(self) -> None:
         for watcher in self._watchers.values():
             await watcher.aclose()
@@ -308,6 +601,10 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _failure(run: Run) -> RunFailed:
+    return RunCancelled(run) if run.status is RunStatus.CANCELLED else RunFailed(run)
 
 
 def _outcome(run: Run) -> Any:

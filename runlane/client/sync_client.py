@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from runlane.models import Attempt, Event, Run, RunFilter
-from runlane.store.base import ConflictPolicy
+from runlane.models import Attempt, Batch, Event, QueueInfo, Run, RunFilter, RunTree
+from runlane.store.base import ConflictPolicy, ContinueWhen
 
 from .async_client import AsyncClient, JobRef, When
 from .portal import Portal
+from .schedules import Schedules
+from .workflows import BatchItem
 
 if TYPE_CHECKING:
     from runlane.app import Runlane
@@ -40,6 +42,7 @@ class Client:
         max_attempts: int | None = None,
         tags: Iterable[str] | None = None,
         on_conflict: ConflictPolicy = "raise",
+        connection: Any = None,
     ) -> Run:
         return self.portal.call(
             self.async_client.trigger(
@@ -53,6 +56,7 @@ class Client:
                 max_attempts=max_attempts,
                 tags=tags,
                 on_conflict=on_conflict,
+                connection=connection,
             )
         )
 
@@ -91,10 +95,90 @@ class Client:
     def attempts(self, run_id: int) -> list[Attempt]:
         return self.portal.call(self.async_client.attempts(run_id))
 
+    # -- schedules and queues -------------------------------------------------------------------------------------
+
+    @property
+    def schedules(self) -> Schedules:
+        return Schedules(self.async_client.schedules, self.portal)
+
+    def pause_queue(self, name: str) -> None:
+        self.portal.call(self.async_client.pause_queue(name))
+
+    def resume_queue(self, name: str) -> None:
+        self.portal.call(self.async_client.resume_queue(name))
+
+    def queues(self) -> list[QueueInfo]:
+        return self.portal.call(self.async_client.queues())
+
+    # -- workflows (see AsyncClient: iterators are driven on the portal loop) ------------------------------------
+
+    def stream(self, job: JobRef, args: Mapping[str, Any] | None = None, **options: Any) -> Iterator[Any]:
+        return self.portal.iterate(self.async_client.stream(job, args, **options))
+
+    def wait_stream(self, run_id: int, since: int | None = None) -> Iterator[Any]:
+        return self.portal.iterate(self.async_client.wait_stream(run_id, since))
+
+    def trigger_batch(
+        self,
+        job_or_items: JobRef | Iterable[BatchItem],
+        args_list: Iterable[Mapping[str, Any] | None] | None = None,
+        **options: Any,
+    ) -> Batch:
+        return self.portal.call(self.async_client.trigger_batch(job_or_items, args_list, **options))
+
+    def run_batch(
+        self,
+        job_or_items: JobRef | Iterable[BatchItem],
+        args_list: Iterable[Mapping[str, Any] | None] | None = None,
+        **options: Any,
+    ) -> list[Any]:
+        return self.portal.call(self.async_client.run_batch(job_or_items, args_list, **options))
+
+    def stream_batch(
+        self,
+        job_or_items: JobRef | Iterable[BatchItem],
+        args_list: Iterable[Mapping[str, Any] | None] | None = None,
+        **options: Any,
+    ) -> Iterator[Any]:
+        return self.portal.iterate(self.async_client.stream_batch(job_or_items, args_list, **options))
+
+    def wait_each(self, batch_id: int) -> Iterator[Run]:
+        return self.portal.iterate(self.async_client.wait_each(batch_id))
+
+    def get_batch(self, batch_id: int) -> Batch | None:
+        return self.portal.call(self.async_client.get_batch(batch_id))
+
+    def cancel_batch(self, batch_id: int) -> int:
+        return self.portal.call(self.async_client.cancel_batch(batch_id))
+
+    def continue_with(
+        self,
+        parent_run_id: int,
+        job: JobRef,
+        args: Mapping[str, Any] | None = None,
+        *,
+        when: ContinueWhen = "succeeded",
+        **options: Any,
+    ) -> Run:
+        return self.portal.call(
+            self.async_client.continue_with(parent_run_id, job, args, when=when, **options)
+        )
+
+    def send(self, run_id: int, item: Any) -> None:
+        self.portal.call(self.async_client.send(run_id, item))
+
+    def close_input(self, run_id: int) -> None:
+        self.portal.call(self.async_client.close_input(run_id))
+
+    def tree(self, run_id: int) -> RunTree:
+        return self.portal.call(self.async_client.tree(run_id))
+
     def close(self) -> None:
         """Stop this client's loop thread (the app's store stays open for others)."""
         if self._owns_portal and self.portal._loop is not None:
             self.portal.call(self.async_client.aclose())
+            if self.app._store is not None:  # a pool bound to the portal loop must not outlive it
+                self.portal.call(self.app._store.release_loop())
         if self._owns_portal:
             self.portal.close()
 

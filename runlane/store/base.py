@@ -3,7 +3,7 @@
 Policy (validation, retry decisions, limits parsing) stays above this line; only implementations know SQL.
 Every state change a worker makes is compare-and-swap on ``(run id, attempt, lease owner)`` so that a stale
 worker can never overwrite a run that was reclaimed, cancelled or released. Status changes, their events and
-(later) batch counters are written in one transaction.
+batch counters are written in one transaction.
 
 Contract shared by all implementations (the store contract tests pin it):
 
@@ -17,6 +17,16 @@ Contract shared by all implementations (the store contract tests pin it):
 * Error values are :class:`ErrorInfo`; the reasons the store itself writes use these types:
   ``WorkerLost`` (lease expired), ``Expired`` (``not_after`` passed before start), ``Cancelled`` (by a user
   or by cascade; the message says which).
+* Batch counters (``Batch.counts``, ``finish_seq``) follow every status change of a child in the same
+  transaction, whichever verb made it: each schema keeps them with a trigger on the runs table (migration
+  0002), so a new verb cannot forget them. A child that becomes terminal gets the batch's next ``finish_seq``;
+  the batch row's lock orders these numbers by commit, so a reader can fetch finished children incrementally.
+* Continuations (``NewRun.continue_when``) wait ``scheduled`` with no due time until their parent is terminal.
+  Every transaction that makes runs terminal (finish, cancel, reap, expire) then decides the waiting
+  continuations of those runs, recursively along chains: ``pending`` (or ``scheduled`` until ``not_before``)
+  when the parent's status matches ``continue_when`` (``finished`` matches any), else ``cancelled``. An
+  insert whose parent is already terminal decides at once. A cancel cascade does not descend into
+  continuations still waiting on a run it cancels: the continuation rule decides them.
 * Connection failures raise :class:`~runlane.errors.StoreUnavailable` with the driver error as ``__cause__``;
   an outdated schema raises :class:`~runlane.errors.SchemaOutdated`.
 """
@@ -28,11 +38,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from runlane.models import Attempt, ErrorInfo, Event, EventKind, JobInfo, Run, RunFilter
+from runlane.models import (
+    ACTIVE_STATUSES,
+    Attempt,
+    Batch,
+    ErrorInfo,
+    Event,
+    EventKind,
+    JobInfo,
+    Run,
+    RunFilter,
+)
+from runlane.store.flow import SchedulesAndLimits
 from runlane.store.notify import Notifier
 
 ConflictPolicy = Literal["raise", "return_existing"]
 FinishOutcome = Literal["succeeded", "failed", "retrying"]
+ContinueWhen = Literal["succeeded", "failed", "cancelled", "finished"]
+CONTINUE_WHEN: tuple[ContinueWhen, ...] = ("succeeded", "failed", "cancelled", "finished")
 
 WORKER_LOST = "WorkerLost"
 EXPIRED = "Expired"
@@ -55,6 +78,11 @@ class NewRun:
     parent_run_id: int | None = None
     batch_id: int | None = None
     schedule_id: str | None = None
+    concurrency_key: str | None = None
+    """The partition of the job's limits this run counts in (computed from its arguments at trigger time)."""
+    continue_when: ContinueWhen | None = None
+    """Set for a continuation of ``parent_run_id`` (see the module docstring). ``batch_id`` is set by
+    ``insert_batch`` only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +124,9 @@ class Finish:
     events: tuple[EventDraft, ...] = ()
 
 
-class Store(abc.ABC):
-    """One store per app and process, usable from any thread and any event loop."""
+class Store(SchedulesAndLimits):
+    """One store per app and process, usable from any thread and any event loop. The schedule, queue and
+    limit verbs are declared in ``runlane.store.flow``."""
 
     url: str
     notifier: Notifier
@@ -111,6 +140,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections and threads. Idempotent."""
+
+    async def release_loop(self) -> None:
+        """Release what this store holds for the running event loop (a pool bound to it) before that loop
+        stops; the store stays usable from other loops and from this one again later."""
 
     @abc.abstractmethod
     async def migrate(self) -> list[int]:
@@ -176,6 +209,16 @@ class Store(abc.ABC):
         parent's root, or the run's own id. Wakes ``work`` when a run is pending.
         """
 
+    async def insert_runs_in_transaction(
+        self, conn: Any, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
+    ) -> list[Run]:
+        """Insert runs inside the caller's open transaction on ``conn`` (transactional enqueue): they exist
+        iff that transaction commits, and no worker sees them before. Only stores that share a database
+        connection with the application can do this."""
+        from runlane.errors import InvalidConnection
+
+        raise InvalidConnection(f"transactional enqueue needs a PostgreSQL store, not {self.display_url}")
+
     @abc.abstractmethod
     async def get_run(self, run_id: int) -> Run | None: ...
 
@@ -205,6 +248,43 @@ class Store(abc.ABC):
         ``worker_id``. Unfenced drafts are refused when the run is terminal or missing. A ``progress`` event
         (data ``{"percent": float | None, "message": str | None}``) also sets the run's progress fields.
         """
+
+    # -- batches --------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def insert_batch(
+        self, runs: Sequence[NewRun], *, parent_run_id: int | None = None
+    ) -> tuple[Batch, list[Run]]:
+        """Create a batch and its children (``runs``, without dedup ids) in one transaction and one round
+        trip; the children get the batch id and ``parent_run_id`` (RunNotFound if it does not exist).
+        Returns the batch and the children in input order."""
+
+    @abc.abstractmethod
+    async def get_batch(self, batch_id: int) -> Batch | None: ...
+
+    @abc.abstractmethod
+    async def batch_runs(
+        self, batch_id: int, *, after_seq: int = 0, up_to_seq: int | None = None, limit: int = 1000
+    ) -> list[tuple[int, Run]]:
+        """``(finish_seq, run)`` of the children whose latest terminal transition has a ``finish_seq`` in
+        ``(after_seq, up_to_seq]``, in that order. A child retried since is returned in its current
+        (non-terminal) state: it will come back with a later number when it ends again."""
+
+    async def cancel_batch(self, batch_id: int, *, reason: str | None = None) -> int:
+        """Cancel every non-terminal child (and its descendants); return how many children were cancelled."""
+        children: list[int] = []
+        before: int | None = None
+        active = RunFilter(batch_id=batch_id, status=tuple(ACTIVE_STATUSES))
+        while True:
+            page = await self.list_runs(active, limit=5000, before_id=before)
+            children.extend(run.id for run in page)
+            if len(page) < 5000:
+                break
+            before = page[-1].id
+        if not children:
+            return 0
+        cancelled = await self.cancel_runs(children, reason=reason or f"cancelled with batch {batch_id}")
+        return len(set(cancelled) & set(children))
 
     # -- user actions ---------------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from runlane.context import EventBuffer, JobContext
 from runlane.errors import RunlaneError, StoreUnavailable
 from runlane.models import Run
+from runlane.scheduler.schedules import Scheduler, sync_app
 from runlane.store import Finish, Lease, Store
 from runlane.worker.batcher import Batcher
 from runlane.worker.executor import execute_attempt
@@ -133,6 +134,7 @@ class Worker:
         self._flush_lock = asyncio.Lock()
         store = self._store = await self.app.open_store()
         await store.register_jobs([job.info() for job in self.app.jobs.values()])
+        await sync_app(self.app, store, self.id)  # limits and declared schedules, before the first claim
         await store.register_worker(
             self.id,
             {
@@ -144,6 +146,7 @@ class Worker:
             },
         )
         self._finisher = Batcher(lambda batch: store.finish_attempts(batch, worker_id=self.id))
+        self.scheduler = Scheduler(store, poll_interval=self.settings.poll_interval)
         self._pool = ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix=f"runlane-job-{self.id}"
         )
@@ -164,6 +167,7 @@ class Worker:
             asyncio.create_task(
                 self._supervise(self._flush_events_loop(store)), name="runlane-event-flusher"
             ),
+            asyncio.create_task(self._supervise(self.scheduler.run()), name="runlane-scheduler"),
         ]
         self._started.set()
         log.info(
@@ -258,11 +262,27 @@ class Worker:
                     if self._finisher.busy:  # an unwritten end may be a retry that is due at once
                         await self._finisher.drain()
                         continue
+                    if notifier.generation("work") != generation:  # e.g. an end that started a continuation
+                        continue
                     if await self._housekeep(store):  # a dead worker's runs count as work to finish
+                        continue
+                    if await self._held_by_limits(store):  # waiting for a slot or a rate window is not idle
+                        await notifier.wait("work", generation, min(poll, 0.1), event=self._kick)
                         continue
                     return
             if timeout > 0:
                 await notifier.wait("work", generation, timeout, event=self._kick)
+
+    async def _held_by_limits(self, store: Store) -> bool:
+        """Burst mode: are runs of this worker's unpaused queues pending while limits hold them back?"""
+        app = self.app
+        limited = any(app.jobs[j].options.limits.limited for j in self.job_names) or any(
+            q in app.queue_limits for q in self.queues
+        )
+        if not limited:
+            return False
+        stats = await store.queue_stats()
+        return any(q.pending and not q.paused for q in stats if q.name in self.queues)
 
     def _start(self, run: Run) -> None:
         assert self._heartbeat is not None and self._flush_kick is not None and self._loop is not None
@@ -292,31 +312,43 @@ class Worker:
             # Free the slot before the end is written, so that the next claim rides in the same store
             # round trip as this finish; the store fences the finish, so a late one can do no harm.
             self._free_slot(active)
-            try:
-                if not await self._finisher.submit(finish):
-                    log.info(
-                        "run %s attempt %s: result not recorded (cancelled or reclaimed meanwhile)",
-                        active.run.id,
-                        active.run.attempt,
-                    )
-            except StoreUnavailable as exc:
-                # The lease will expire and the run will be retried elsewhere: at-least-once, never lost.
-                log.error(
-                    "run %s: could not record the end of attempt %s: %s",
+            if await self._record_finish(finish) is False:
+                log.info(
+                    "run %s attempt %s: result not recorded (cancelled or reclaimed meanwhile)",
                     active.run.id,
                     active.run.attempt,
-                    exc,
                 )
             self.processed += 1
         finally:
             self._free_slot(active)
+            if self._heartbeat is not None:  # renewed until the end is written, even through an outage
+                self._heartbeat.remove(active.run.id)
+
+    async def _record_finish(self, finish: Finish) -> bool | None:
+        """Write an attempt's end, retrying through a store outage for up to one lease period (the write is
+        fenced, so repeating it is safe). None if it could not be written: the lease then expires and the
+        run is retried elsewhere — at-least-once, never lost."""
+        assert self._finisher is not None
+        deadline = time.monotonic() + self.settings.lease_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await self._finisher.submit(finish)
+            except StoreUnavailable as exc:
+                if time.monotonic() + delay >= deadline:
+                    log.error(
+                        "run %s: could not record the end of attempt %s: %s",
+                        finish.run_id,
+                        finish.attempt,
+                        exc,
+                    )
+                    return None
+                log.warning("run %s: store unavailable (%s); retrying in %.2f s", finish.run_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _free_slot(self, active: ActiveAttempt) -> None:
-        if self._active.pop(active.run.id, None) is None:
-            return
-        if self._heartbeat is not None:
-            self._heartbeat.remove(active.run.id)
-        if self._kick is not None:
+        if self._active.pop(active.run.id, None) is not None and self._kick is not None:
             self._kick.set()
 
     # -- losing runs ------------------------------------------------------------------------------------------------

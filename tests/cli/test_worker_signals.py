@@ -15,6 +15,13 @@ pytestmark = pytest.mark.slow
 MARGIN = 15.0  # process start-up, store close and interpreter exit on a loaded CI machine
 
 
+@pytest.fixture
+def migrated(cli_any: Cli) -> Cli:
+    """Worker process tests run on every backend."""
+    cli_any.ok("migrate", "demo_app:app")
+    return cli_any
+
+
 def test_sigterm_lets_the_running_attempt_finish(migrated: Cli) -> None:
     run_id = migrated.trigger("nap", {"seconds": 1.5})
     worker = migrated.spawn("worker", "demo_app:app", env={"RUNLANE_SHUTDOWN_TIMEOUT": "20"})

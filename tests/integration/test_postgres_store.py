@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
-from runlane.errors import RunConflict, StoreUnavailable
+from runlane.errors import InvalidConnection, RunConflict, StoreUnavailable
 from runlane.models import RunFilter
 from runlane.store import Lease, NewRun, create_store
 from runlane.store.postgres import PostgresStore
@@ -187,7 +187,7 @@ async def test_transactional_insert_refuses_connections_outside_a_transaction(
     pg: PostgresStore, pg_url: str
 ) -> None:
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        with pytest.raises(ValueError, match="autocommit"):
+        with pytest.raises(InvalidConnection, match="autocommit"):
             pg.insert_runs_in_transaction_blocking(conn, [NewRun("a", {})])
         with conn.transaction():
             (run,) = pg.insert_runs_in_transaction_blocking(conn, [NewRun("a", {})])
@@ -199,7 +199,7 @@ async def test_transactional_insert_refuses_connections_outside_a_transaction(
     with psycopg.connect(pg_url) as conn:
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("SELECT 1 / 0")
-        with pytest.raises(ValueError, match="failed"):
+        with pytest.raises(InvalidConnection, match="failed"):
             pg.insert_runs_in_transaction_blocking(conn, [NewRun("a", {})])
 
 

@@ -16,11 +16,14 @@ import pytest
 from runlane.errors import RunConflict, SchemaOutdated, StoreUnavailable
 from runlane.models import RunFilter, RunStatus
 from runlane.store import Finish, Lease, NewRun, create_store
+from runlane.store.migrations import latest_version
 from runlane.store.sqlite import SQLiteStore
 from runlane.store.sqlite.store import parse_url
 from runlane.store.sqlite.wakeup import wake_dir
 
 REPO = Path(__file__).resolve().parents[2]
+
+LATEST = latest_version("runlane.store.sqlite.migrations")
 
 
 def _exists(path: str) -> bool:
@@ -66,7 +69,7 @@ async def test_relative_url_is_relative_to_the_working_directory(
 async def test_memory_store_works_end_to_end() -> None:
     store = await open_store("sqlite:///:memory:")
     try:
-        assert await store.schema_version() == (1, 1)
+        assert await store.schema_version() == (LATEST, LATEST)
         (run,) = await store.insert_runs([NewRun("j", {"x": 1})])
         (_claimed,) = await store.claim("w", queues=["default"], jobs=["j"], limit=5, lease_timeout=30)
         held = await asyncio.to_thread(store.heartbeat_blocking, "w", [Lease(run.id, 1)], 30)
@@ -99,15 +102,15 @@ async def test_schema_version_of_an_empty_file_is_zero(tmp_path: Path) -> None:
     store = create_store(f"sqlite:///{tmp_path / 'x.db'}")
     await store.open()
     try:
-        assert await store.schema_version() == (0, 1)
+        assert await store.schema_version() == (0, LATEST)
         with pytest.raises(SchemaOutdated, match="migrate"):
             await store.check_schema()
         with pytest.raises(SchemaOutdated, match="migrate"):
             await store.get_run(1)
         with pytest.raises(SchemaOutdated, match="migrate"):
             await store.insert_runs([NewRun("j", {})])
-        assert await store.migrate() == [1]
-        assert await store.schema_version() == (1, 1)
+        assert await store.migrate() == list(range(1, LATEST + 1))
+        assert await store.schema_version() == (LATEST, LATEST)
     finally:
         await store.close()
 
@@ -119,7 +122,7 @@ async def test_two_stores_migrating_at_once_apply_each_migration_once(tmp_path: 
     await b.open()
     try:
         applied = await asyncio.gather(a.migrate(), b.migrate())
-        assert sorted(applied) == [[], [1]]
+        assert sorted(applied[0] + applied[1]) == list(range(1, LATEST + 1))
     finally:
         await a.close()
         await b.close()

@@ -19,7 +19,7 @@ from typing import Any, LiteralString
 import psycopg
 from psycopg import pq
 
-from runlane.errors import RunConflict, RunNotFound, StoreUnavailable
+from runlane.errors import InvalidConnection, RunConflict, RunNotFound, StoreUnavailable
 from runlane.models import Run, RunStatus, to_datetime
 from runlane.serialization import dumps
 from runlane.store.base import ConflictPolicy, NewRun
@@ -45,20 +45,22 @@ def _columns(runs: Sequence[NewRun]) -> dict[str, list[Any]]:
         "not_before": [to_datetime(r.not_before) for r in runs],
         "not_after": [to_datetime(r.not_after) for r in runs],
         "dedup_id": [r.dedup_id for r in runs],
-        "tags": [_text_array(r.tags) for r in runs],
+        "tags": [text_array(r.tags) for r in runs],
         "parent_run_id": [r.parent_run_id for r in runs],
         "batch_id": [r.batch_id for r in runs],
         "schedule_id": [r.schedule_id for r in runs],
+        "continue_when": [r.continue_when for r in runs],
+        "concurrency_key": [r.concurrency_key for r in runs],
     }
 
 
-def _text_array(items: Sequence[str]) -> str:
+def text_array(items: Sequence[str]) -> str:
     """A PostgreSQL array literal: ragged per-row arrays cannot travel as one 2-D array parameter."""
     quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
     return "{" + ",".join(quoted) + "}"
 
 
-def _new_run(new: NewRun, id_: int, status: str, root_run_id: int, created_at: datetime) -> Run:
+def new_run(new: NewRun, id_: int, status: str, root_run_id: int, created_at: datetime) -> Run:
     return Run(
         id=id_,
         job=new.job,
@@ -98,6 +100,12 @@ def insert_plan(
         missing = yield Q["missing_parents"], {"ids": parents}
         if missing:
             raise RunNotFound(missing[0][0])
+    # Continuations: see lock_parents in queries.sql for why their parents are locked first.
+    awaited = sorted({r.parent_run_id for r in runs if r.continue_when is not None and r.parent_run_id})
+    terminal_parents: list[int] = []
+    if awaited:
+        rows = yield Q["lock_parents"], {"ids": awaited}
+        terminal_parents = [id_ for id_, status in rows if RunStatus(status).is_terminal]
     results: list[Run | None] = [None] * len(runs)
     created = 0
     todo = list(range(len(runs)))
@@ -117,7 +125,7 @@ def insert_plan(
                 if id_ is None:
                     conflicts.append(position)
                 else:
-                    results[position] = _new_run(runs[position], id_, status, root_run_id, created_at)
+                    results[position] = new_run(runs[position], id_, status, root_run_id, created_at)
                     created += 1
         if not conflicts:
             break
@@ -141,6 +149,20 @@ def insert_plan(
         raise StoreUnavailable(f"could not settle dedup conflicts after {MAX_ROUNDS} rounds")
     out = [r for r in results if r is not None]
     assert len(out) == len(runs)
+    if terminal_parents and created:
+        decided = yield (
+            Q["resolve_continuations"],
+            {
+                "ids": terminal_parents,
+                "now": now,
+                "token": token,
+                "channels": ["runlane_work", "runlane_change"],
+            },
+        )
+        if decided:
+            rows = yield Q["get_runs"], {"ids": [row[0] for row in decided]}
+            fresh = {run.id: run for run in (run_from_row(row) for row in rows)}
+            out = [fresh.get(run.id, run) for run in out]
     return out, created
 
 
@@ -171,7 +193,7 @@ def drive_sync(conn: psycopg.Connection[Any], plan: Plan) -> tuple[list[Run], in
 def check_caller_connection(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> None:
     """A caller's connection must be usable and its transaction must still be the caller's to commit.
 
-    StoreUnavailable when it is closed or broken; ValueError when the insert would not be part of a caller
+    StoreUnavailable when it is closed or broken; InvalidConnection when the insert would not be part of a caller
     transaction (autocommit and no transaction block), or that transaction already failed or is busy.
     """
     if conn.closed or conn.broken:
@@ -182,13 +204,15 @@ def check_caller_connection(conn: psycopg.Connection[Any] | psycopg.AsyncConnect
     if status == pq.TransactionStatus.IDLE and not conn.autocommit:
         return  # the insert opens the transaction implicitly; the caller commits or rolls it back
     if status == pq.TransactionStatus.IDLE:
-        raise ValueError(
+        raise InvalidConnection(
             "the connection is in autocommit mode and not in a transaction: the run would be committed at "
             "once. Use `with conn.transaction():` (or a non-autocommit connection) around the trigger"
         )
     if status == pq.TransactionStatus.INERROR:
-        raise ValueError("the connection's transaction has failed: roll it back before triggering")
-    raise ValueError(f"the connection is busy (transaction status {status.name}): finish the current query")
+        raise InvalidConnection("the connection's transaction has failed: roll it back before triggering")
+    raise InvalidConnection(
+        f"the connection is busy (transaction status {status.name}): finish the current query"
+    )
 
 
 def insert_with_caller_sync(

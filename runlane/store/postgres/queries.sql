@@ -17,20 +17,24 @@ WITH src AS MATERIALIZED (
     FROM unnest(%(job)s::text[], %(args)s::text[], %(queue)s::text[], %(priority)s::int[],
                 %(max_attempts)s::int[], %(not_before)s::timestamptz[], %(not_after)s::timestamptz[],
                 %(dedup_id)s::text[], %(tags)s::text[], %(parent_run_id)s::bigint[], %(batch_id)s::bigint[],
-                %(schedule_id)s::text[])
+                %(schedule_id)s::text[], %(continue_when)s::text[], %(concurrency_key)s::text[])
          WITH ORDINALITY AS u(job, args, queue, priority, max_attempts, not_before, not_after, dedup_id, tags,
-                              parent_run_id, batch_id, schedule_id, ord)
+                              parent_run_id, batch_id, schedule_id, continue_when, concurrency_key, ord)
 ), ins AS (
     INSERT INTO runlane_runs AS r (id, job, args, status, queue, priority, max_attempts, not_before, not_after,
                                    dedup_id, tags, parent_run_id, root_run_id, batch_id, schedule_id,
-                                   created_at, due_at)
+                                   created_at, due_at, continue_when, concurrency_key)
     OVERRIDING SYSTEM VALUE
-    SELECT s.id, s.job, s.args::jsonb, CASE WHEN s.not_before > {now} THEN 'scheduled' ELSE 'pending' END,
+    SELECT s.id, s.job, s.args::jsonb,
+           CASE WHEN s.continue_when IS NOT NULL OR s.not_before > {now} THEN 'scheduled' ELSE 'pending' END,
            s.queue, s.priority, s.max_attempts, s.not_before, s.not_after, s.dedup_id, s.tags::text[],
            s.parent_run_id,
            CASE WHEN s.parent_run_id IS NULL THEN s.id
                 ELSE (SELECT p.root_run_id FROM runlane_runs p WHERE p.id = s.parent_run_id) END,
-           s.batch_id, s.schedule_id, {now}, coalesce(s.not_before, {now})
+           s.batch_id, s.schedule_id, {now},
+           -- A continuation waits for its parent, not for a time.
+           CASE WHEN s.continue_when IS NOT NULL THEN 'infinity' ELSE coalesce(s.not_before, {now}) END,
+           s.continue_when, s.concurrency_key
     FROM src s
     ORDER BY s.ord
     ON CONFLICT (dedup_id) WHERE dedup_id IS NOT NULL AND status IN {active} DO NOTHING
@@ -116,11 +120,19 @@ SELECT count(*) FROM upd CROSS JOIN note;
 -- from an ordered scan of the partial index runlane_runs_claim (queue = one value keeps the index order, which
 -- "queue = ANY(…)" would lose, sorting every pending run of the queues instead); the outer ORDER BY merges
 -- the queues. With k queues up to k·n rows are locked for the instant of this transaction, n are claimed.
-WITH candidates AS MATERIALIZED (
-    SELECT c.id FROM unnest(%(queues)s::text[]) AS q(queue)
+-- Queues that are paused or limited and jobs that are limited are left to the limit-aware claim (flow.py).
+WITH open_queues AS MATERIALIZED (
+    SELECT u.queue FROM unnest(%(queues)s::text[]) AS u(queue)
+    WHERE NOT EXISTS (SELECT 1 FROM runlane_queues g WHERE g.name = u.queue
+                      AND (g.paused OR g.max_concurrency IS NOT NULL OR g.rate_count IS NOT NULL))
+), open_jobs AS MATERIALIZED (
+    SELECT coalesce(array_agg(u.job), '{}'::text[]) AS jobs FROM unnest(%(jobs)s::text[]) AS u(job)
+    WHERE NOT EXISTS (SELECT 1 FROM runlane_job_limits l WHERE l.job = u.job)
+), candidates AS MATERIALIZED (
+    SELECT c.id FROM open_queues AS q
     CROSS JOIN LATERAL (
         SELECT id, priority, due_at FROM runlane_runs
-        WHERE status = 'pending' AND queue = q.queue AND job = ANY(%(jobs)s::text[])
+        WHERE status = 'pending' AND queue = q.queue AND job = ANY((SELECT jobs FROM open_jobs)::text[])
           AND due_at <= {now} AND (not_after IS NULL OR not_after > {now})
         ORDER BY priority DESC, due_at, id
         LIMIT %(limit)s
@@ -289,11 +301,13 @@ WITH late AS MATERIALIZED (
 SELECT upd.id FROM upd CROSS JOIN note;
 
 -- name: cancel_runs
--- Rows are locked in id order so that two overlapping cancels cannot deadlock each other.
+-- Rows are locked in id order so that two overlapping cancels cannot deadlock each other. Continuations still
+-- waiting on their parent are not descended into: resolve_continuations decides them after this statement.
 WITH RECURSIVE tree(id, origin, depth) AS (
     SELECT id, id, 0 FROM runlane_runs WHERE id = ANY(%(ids)s::bigint[])
     UNION
     SELECT c.id, t.origin, t.depth + 1 FROM runlane_runs c JOIN tree t ON c.parent_run_id = t.id
+    WHERE NOT (c.continue_when IS NOT NULL AND c.status = 'scheduled' AND c.due_at = 'infinity')
 ), locked AS MATERIALIZED (
     SELECT r.id, r.status FROM runlane_runs r
     WHERE r.id IN (SELECT id FROM tree) AND r.status IN {active}
@@ -393,3 +407,104 @@ DELETE FROM runlane_workers WHERE id = %(id)s;
 
 -- name: notify
 SELECT count(pg_notify(ch, %(token)s)) FROM unnest(%(channels)s::text[]) AS ch;
+
+-- name: lock_parents
+-- Before inserting continuations: a parent's terminal transition either committed before (the insert then
+-- sees it and decides at once) or waits for this insert to commit (and its resolve step then sees it).
+SELECT id, status FROM runlane_runs WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR SHARE;
+
+-- name: resolve_continuations
+-- Decide the continuations waiting on those of the given runs that are terminal, and down the chains this
+-- cancels (a cancelled continuation is the terminal parent of the next level). Runs in each transaction that
+-- makes runs terminal, as a statement of its own so that its snapshot includes continuations committed while
+-- that transaction waited for the parent's row lock.
+WITH RECURSIVE decided (id, parent_id, parent_status, go) AS (
+    SELECT c.id, p.id, p.status, c.continue_when IN ('finished', p.status)
+    FROM runlane_runs p
+    JOIN runlane_runs c ON c.parent_run_id = p.id
+    WHERE p.id = ANY(%(ids)s::bigint[]) AND p.status IN {terminal}
+      AND c.continue_when IS NOT NULL AND c.status = 'scheduled' AND c.due_at = 'infinity'
+    UNION ALL
+    SELECT c.id, d.id, 'cancelled', c.continue_when IN ('finished', 'cancelled')
+    FROM decided d JOIN runlane_runs c ON c.parent_run_id = d.id
+    WHERE NOT d.go AND c.continue_when IS NOT NULL AND c.status = 'scheduled' AND c.due_at = 'infinity'
+), locked AS MATERIALIZED (
+    SELECT r.id FROM runlane_runs r
+    WHERE r.id IN (SELECT id FROM decided) AND r.status = 'scheduled' AND r.due_at = 'infinity'
+    ORDER BY r.id
+    FOR UPDATE
+), upd AS (
+    UPDATE runlane_runs r
+    SET status = CASE WHEN NOT d.go THEN 'cancelled' WHEN r.not_before > {now} THEN 'scheduled'
+                      ELSE 'pending' END,
+        due_at = CASE WHEN d.go THEN greatest(r.not_before, {now}) ELSE r.due_at END,
+        finished_at = CASE WHEN d.go THEN NULL ELSE {now} END,
+        error = CASE WHEN d.go THEN NULL
+                     ELSE jsonb_build_object('type', 'Cancelled', 'traceback', NULL, 'message',
+                          'parent run ' || d.parent_id || ' ' || d.parent_status
+                          || '; this continuation runs when ' || r.continue_when) END,
+        last_event_id = r.last_event_id + CASE WHEN d.go AND r.not_before > {now} THEN 0 ELSE 1 END
+    FROM decided d JOIN locked l ON l.id = d.id
+    WHERE r.id = d.id
+    RETURNING r.id, r.attempt, r.status, r.last_event_id, r.error, d.parent_id, d.parent_status
+), ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT id, last_event_id, 'status', {now},
+           jsonb_build_object('from', 'scheduled', 'to', status, 'attempt', attempt, 'reason',
+                              coalesce(error ->> 'message', 'parent run ' || parent_id || ' ' || parent_status))
+    FROM upd WHERE status <> 'scheduled'
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM upd)
+)
+SELECT upd.id, upd.status FROM upd CROSS JOIN note;
+
+-- name: insert_batch
+-- The batch row and all its children in one statement (batch children carry no dedup id, so nothing can
+-- conflict). No row at all comes back when the parent run does not exist.
+WITH src AS MATERIALIZED (
+    SELECT u.*, nextval(pg_get_serial_sequence('runlane_runs', 'id')) AS id
+    FROM unnest(%(job)s::text[], %(args)s::text[], %(queue)s::text[], %(priority)s::int[],
+                %(max_attempts)s::int[], %(not_before)s::timestamptz[], %(not_after)s::timestamptz[],
+                %(tags)s::text[])
+         WITH ORDINALITY AS u(job, args, queue, priority, max_attempts, not_before, not_after, tags, ord)
+), parent AS (
+    SELECT p.root_run_id FROM runlane_runs p WHERE p.id = %(parent_run_id)s::bigint
+), b AS (
+    INSERT INTO runlane_batches AS b (created_at, parent_run_id, total, scheduled, pending)
+    SELECT {now}, %(parent_run_id)s::bigint, count(*),
+           count(*) FILTER (WHERE s.not_before > {now}),
+           count(*) FILTER (WHERE NOT coalesce(s.not_before > {now}, false))
+    FROM src s
+    HAVING %(parent_run_id)s::bigint IS NULL OR EXISTS (SELECT 1 FROM parent)
+    RETURNING b.id, b.created_at, b.parent_run_id, b.total, b.scheduled, b.pending, b.running, b.retrying,
+              b.succeeded, b.failed, b.cancelled, b.skipped, b.finish_seq
+), ins AS (
+    INSERT INTO runlane_runs AS r (id, job, args, status, queue, priority, max_attempts, not_before, not_after,
+                                   tags, parent_run_id, root_run_id, batch_id, created_at, due_at)
+    OVERRIDING SYSTEM VALUE
+    SELECT s.id, s.job, s.args::jsonb, CASE WHEN s.not_before > {now} THEN 'scheduled' ELSE 'pending' END,
+           s.queue, s.priority, s.max_attempts, s.not_before, s.not_after, s.tags::text[],
+           %(parent_run_id)s::bigint, coalesce((SELECT root_run_id FROM parent), s.id), b.id, {now},
+           coalesce(s.not_before, {now})
+    FROM src s CROSS JOIN b
+    ORDER BY s.ord
+    RETURNING r.id, r.status, r.root_run_id, r.created_at
+), note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM ins)
+)
+SELECT b.*, i.id, i.status, i.root_run_id, i.created_at
+FROM b LEFT JOIN ins i ON true CROSS JOIN note
+ORDER BY i.id;
+
+-- name: get_batch
+SELECT id, created_at, parent_run_id, total, scheduled, pending, running, retrying, succeeded, failed,
+       cancelled, skipped, finish_seq
+FROM runlane_batches WHERE id = %(id)s;
+
+-- name: batch_runs
+SELECT r.batch_seq, {run_columns} FROM runlane_runs r
+WHERE r.batch_id = %(batch_id)s AND r.batch_seq > %(after)s AND r.batch_seq <= %(upto)s
+ORDER BY r.batch_seq
+LIMIT %(limit)s;

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from runlane.models import Attempt, ErrorInfo, Event, JobInfo, Run, RunStatus, to_datetime
+from runlane.models import Attempt, Batch, ErrorInfo, Event, JobInfo, Run, RunStatus, to_datetime
 from runlane.serialization import dumps
 from runlane.store.base import EventDraft, Finish
 
@@ -50,6 +50,31 @@ def run_from_row(row: Sequence[Any], start: int = 0) -> Run:
         result=result,
         error=ErrorInfo.from_dict(error),
         worker_id=worker,
+    )
+
+
+_BATCH_COUNTS = (
+    RunStatus.SCHEDULED,
+    RunStatus.PENDING,
+    RunStatus.RUNNING,
+    RunStatus.RETRYING,
+    RunStatus.SUCCEEDED,
+    RunStatus.FAILED,
+    RunStatus.CANCELLED,
+    RunStatus.SKIPPED,
+)
+BATCH_WIDTH = 13
+
+
+def batch_from_row(row: Sequence[Any]) -> Batch:
+    """``id, created_at, parent_run_id, total``, the eight counts in ``_BATCH_COUNTS`` order, ``finish_seq``."""
+    return Batch(
+        id=row[0],
+        created_at=row[1],
+        parent_run_id=row[2],
+        total=row[3],
+        counts=dict(zip(_BATCH_COUNTS, row[4:12], strict=True)),
+        finish_seq=row[12],
     )
 
 

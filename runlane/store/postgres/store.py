@@ -17,6 +17,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, LiteralString, TypeVar
 
@@ -26,18 +27,21 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from runlane.errors import RunConflict, RunNotFound, StoreUnavailable
-from runlane.models import Attempt, Event, JobInfo, Run, RunFilter, to_datetime
+from runlane.models import Attempt, Batch, Event, JobInfo, Run, RunFilter, to_datetime
 from runlane.serialization import dumps
 from runlane.store.base import ConflictPolicy, EventDraft, Finish, Lease, NewRun, Store
 from runlane.store.migrations import load_migrations
 from runlane.store.notify import Notifier, Topic
 from runlane.store.postgres import insert as ins
 from runlane.store.postgres.config import PostgresOptions, hide_password, merge_conninfo
+from runlane.store.postgres.flow import PostgresFlow
 from runlane.store.postgres.listener import CHANNELS, Listener
 from runlane.store.postgres.queries import RUN_COLUMNS, RUN_FILTERS, Q
 from runlane.store.postgres.rows import (
+    BATCH_WIDTH,
     append_params,
     attempt_from_row,
+    batch_from_row,
     event_from_row,
     finish_params,
     job_from_row,
@@ -66,7 +70,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[-1].strip() if text else type(exc).__name__
 
 
-class PostgresStore(Store):
+class PostgresStore(PostgresFlow, Store):
     """A store on PostgreSQL. Options (also from the URL's query string): see ``PostgresOptions``."""
 
     def __init__(self, url: str, *, clock: Callable[[], float] | None = None, **options: Any) -> None:
@@ -144,6 +148,12 @@ class PostgresStore(Store):
                 self._hb_conn.close()
                 self._hb_conn = None
 
+    async def release_loop(self) -> None:
+        with self._lock:
+            entry = self._pools.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[0].close()
+
     async def _pool(self) -> Pool:
         loop = asyncio.get_running_loop()
         with self._lock:
@@ -169,8 +179,14 @@ class PostgresStore(Store):
             opened[0] = True
         return pool
 
-    async def _run(self, body: Callable[[AConn], Awaitable[T]]) -> T:
-        """Run ``body`` on a pooled connection; driver failures become StoreUnavailable."""
+    async def _run(self, body: Callable[[AConn], Awaitable[T]], *, retry_disconnect: bool = True) -> T:
+        """Run ``body`` on a pooled connection; driver failures become StoreUnavailable.
+
+        A pooled connection may have died while idle (a server restart, an idle-session timeout): such a
+        failure is retried on a fresh connection when ``body`` is safe to repeat. Every worker write is
+        fenced and every read is harmless, so only inserts opt out: a commit whose reply was lost could
+        otherwise insert twice.
+        """
         pool = await self._pool()
         for attempt in range(_RETRIES):
             try:
@@ -187,6 +203,9 @@ class PostgresStore(Store):
                     f"no connection to PostgreSQL at {self.display_url} within {self.options.pool_timeout}s"
                 ) from exc
             except psycopg.OperationalError as exc:
+                if retry_disconnect and attempt < _RETRIES - 1 and _is_disconnect(exc):
+                    log.info("PostgreSQL connection lost (%s); retrying on a fresh one", _first_line(exc))
+                    continue
                 raise StoreUnavailable(
                     f"PostgreSQL at {self.display_url} failed: {_first_line(exc)}"
                 ) from exc
@@ -283,7 +302,7 @@ class PostgresStore(Store):
                     conn, ins.insert_plan(runs, on_conflict, now=self._now(), token=self._token)
                 )
 
-        result, created = await self._run(body)
+        result, created = await self._run(body, retry_disconnect=False)
         if created:
             self.notifier.notify("work")
         return result
@@ -387,27 +406,102 @@ class PostgresStore(Store):
             self.notifier.notify("change")
         return refused
 
+    # -- batches --------------------------------------------------------------------------------------------
+
+    async def insert_batch(
+        self, runs: Sequence[NewRun], *, parent_run_id: int | None = None
+    ) -> tuple[Batch, list[Run]]:
+        params: dict[str, Any] = {
+            "job": [r.job for r in runs],
+            "args": [dumps(r.args) for r in runs],
+            "queue": [r.queue for r in runs],
+            "priority": [r.priority for r in runs],
+            "max_attempts": [r.max_attempts for r in runs],
+            "not_before": [to_datetime(r.not_before) for r in runs],
+            "not_after": [to_datetime(r.not_after) for r in runs],
+            "tags": [ins.text_array(r.tags) for r in runs],
+            "parent_run_id": parent_run_id,
+            "now": self._now(),
+            "token": self._token,
+            "channels": _channels("work"),
+        }
+        rows = await self._fetch(Q["insert_batch"], params)
+        if not rows:
+            assert parent_run_id is not None
+            raise RunNotFound(parent_run_id)
+        batch = batch_from_row(rows[0])
+        children = [
+            ins.new_run(
+                replace(new, parent_run_id=parent_run_id, batch_id=batch.id, dedup_id=None),
+                *row[BATCH_WIDTH:],
+            )
+            for new, row in zip(runs, rows if runs else [], strict=True)  # no runs: one row, the batch
+        ]
+        if children:
+            self.notifier.notify("work")
+        return batch, children
+
+    async def get_batch(self, batch_id: int) -> Batch | None:
+        rows = await self._fetch(Q["get_batch"], {"id": batch_id})
+        return batch_from_row(rows[0]) if rows else None
+
+    async def batch_runs(
+        self, batch_id: int, *, after_seq: int = 0, up_to_seq: int | None = None, limit: int = 1000
+    ) -> list[tuple[int, Run]]:
+        params = {
+            "batch_id": batch_id,
+            "after": after_seq,
+            "upto": up_to_seq if up_to_seq is not None else 2**62,
+            "limit": max(0, limit),
+        }
+        return [(row[0], run_from_row(row, 1)) for row in await self._fetch(Q["batch_runs"], params)]
+
     # -- user actions ---------------------------------------------------------------------------------------
 
     async def cancel_runs(self, run_ids: Sequence[int], *, reason: str = "cancelled by user") -> list[int]:
         if not run_ids:
             return []
-        rows = await self._fetch(
-            Q["cancel_runs"],
-            {
-                "ids": list(run_ids),
-                "reason": reason,
-                "now": self._now(),
-                "token": self._token,
-                "channels": _channels("change", "cancel"),
-            },
-        )
+        params = {
+            "ids": list(run_ids),
+            "reason": reason,
+            "now": self._now(),
+            "token": self._token,
+            "channels": _channels("change", "cancel"),
+        }
+
+        async def body(conn: AConn) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            async with conn.transaction():
+                cur = await conn.execute(Q["cancel_runs"], params)
+                rows = await cur.fetchall()
+                decided = await self._resolve_continuations(conn, [row[0] for row in rows])
+            return rows, decided
+
+        rows, decided = await self._run(body)
         if rows:
             topics: list[Topic] = ["change"]
             if any(old == "running" for _, old in rows):
                 topics.append("cancel")
+            if any(status == "pending" for _, status in decided):
+                topics.append("work")
             self.notifier.notify(*topics)
-        return sorted(row[0] for row in rows)
+        cancelled = {row[0] for row in rows} | {id_ for id_, status in decided if status == "cancelled"}
+        return sorted(cancelled)
+
+    async def _resolve_continuations(self, conn: AConn, run_ids: Sequence[int]) -> list[tuple[Any, ...]]:
+        """Inside a transaction that made some of ``run_ids`` terminal: decide their waiting continuations.
+        Returns ``(id, new status)`` of the continuations decided."""
+        if not run_ids:
+            return []
+        cur = await conn.execute(Q["resolve_continuations"], self._resolve_params(run_ids))
+        return await cur.fetchall()
+
+    def _resolve_params(self, run_ids: Sequence[int]) -> dict[str, Any]:
+        return {
+            "ids": list(run_ids),
+            "now": self._now(),
+            "token": self._token,
+            "channels": _channels("work", "change"),
+        }
 
     async def retry_run(self, run_id: int) -> bool:
         params = {
@@ -478,7 +572,10 @@ class PostgresStore(Store):
             self.notifier.notify("work", "change")
         elif rows:
             self.notifier.notify("change")
-        return [run_from_row(row) for row in rows]
+        runs = [run_from_row(row) for row in rows]
+        if len(runs) < limit:  # paused-free limited queues and limited jobs: the limit-aware claim
+            runs += await self.claim_limited(worker_id, queues, jobs, limit - len(runs), lease_timeout)
+        return runs
 
     def heartbeat_blocking(self, worker_id: str, leases: Sequence[Lease], lease_timeout: float) -> set[int]:
         params = {
@@ -520,12 +617,26 @@ class PostgresStore(Store):
             return []
         batches = rounds(finishes, key=lambda f: f.run_id)
         topics: list[Topic] = ["change"]
-        if any(f.outcome == "retrying" for f in finishes):
+        # `work` also when limits are in play: a freed slot lets workers held back by the limit claim.
+        if any(f.outcome == "retrying" for f in finishes) or self.limits_active():
             topics.append("work")  # an idle worker sleeps until the earliest due time: it may now be sooner
 
+        # Runs that may end here: their continuations are decided in the same transaction, by a statement
+        # pipelined behind the finish (no extra round trip).
+        ending = sorted({f.run_id for f in finishes if f.outcome != "retrying"})
+
+        started = False  # some continuation became pending: idle workers should claim
+
         async def body(conn: AConn) -> list[bool]:
+            nonlocal started
             done = [False] * len(finishes)
-            async with conn.transaction() if len(batches) > 1 else contextlib.nullcontext():
+            cursors = []
+            resolved = None
+            single = len(batches) == 1 and not ending
+            async with (
+                contextlib.nullcontext() if single else conn.pipeline(),
+                contextlib.nullcontext() if single else conn.transaction(),
+            ):
                 for batch in batches:
                     params = {
                         **finish_params([f for _, f in batch]),
@@ -534,15 +645,20 @@ class PostgresStore(Store):
                         "token": self._token,
                         "channels": _channels(*topics),
                     }
-                    cur = await conn.execute(Q["finish_attempts"], params)
-                    finished = {row[0] for row in await cur.fetchall()}
-                    for index, f in batch:
-                        done[index] = f.run_id in finished
+                    cursors.append((batch, await conn.execute(Q["finish_attempts"], params)))
+                if ending:
+                    resolved = await conn.execute(Q["resolve_continuations"], self._resolve_params(ending))
+            if resolved is not None:
+                started = any(status == "pending" for _, status in await resolved.fetchall())
+            for batch, cur in cursors:
+                finished = {row[0] for row in await cur.fetchall()}
+                for index, f in batch:
+                    done[index] = f.run_id in finished
             return done
 
         done = await self._run(body)
         if any(done):
-            self.notifier.notify(*topics)
+            self.notifier.notify(*topics, *(["work"] if started and "work" not in topics else []))
         return done
 
     async def release_runs(self, leases: Sequence[Lease], *, worker_id: str) -> list[int]:
@@ -563,8 +679,24 @@ class PostgresStore(Store):
             self.notifier.notify("work", "change")
         return sorted(row[0] for row in rows)
 
+    async def _ending(self, query: LiteralString, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """A statement that may make runs terminal (its rows start with run ids), then their continuations'
+        decision, in one transaction."""
+
+        async def body(conn: AConn) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+            async with conn.transaction():
+                cur = await conn.execute(query, params)
+                rows = await cur.fetchall()
+                decided = await self._resolve_continuations(conn, [row[0] for row in rows])
+            return rows, decided
+
+        rows, decided = await self._run(body)
+        if any(status == "pending" for _, status in decided):
+            self.notifier.notify("work", "change")
+        return rows
+
     async def reap_expired_leases(self) -> list[int]:
-        rows = await self._fetch(
+        rows = await self._ending(
             Q["reap_expired_leases"],
             {"now": self._now(), "token": self._token, "channels": _channels("work", "change", "cancel")},
         )
@@ -573,7 +705,7 @@ class PostgresStore(Store):
         return sorted(row[0] for row in rows)
 
     async def expire_runs(self) -> list[int]:
-        rows = await self._fetch(
+        rows = await self._ending(
             Q["expire_runs"], {"now": self._now(), "token": self._token, "channels": _channels("change")}
         )
         if rows:
@@ -592,3 +724,9 @@ class PostgresStore(Store):
     async def prune(self, older_than: float) -> int:
         rows = await self._fetch(Q["prune"], {"older_than": to_datetime(older_than)})
         return int(rows[0][0]) if rows else 0
+
+
+def _is_disconnect(exc: psycopg.OperationalError) -> bool:
+    """The connection itself failed (class 08, or the server shutting the session down), not the query."""
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in {"57P01", "57P02", "57P03"}

@@ -52,8 +52,9 @@ WHERE dedup_id = ? AND dedup_id IS NOT NULL
 
 -- name: insert_run
 INSERT INTO runlane_runs (id, job, args, status, queue, priority, max_attempts, not_before, not_after, due_at,
-                          dedup_id, tags, parent_run_id, root_run_id, batch_id, schedule_id, created_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                          dedup_id, tags, parent_run_id, root_run_id, batch_id, schedule_id, created_at,
+                          continue_when, concurrency_key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 
 -- name: get_run
 SELECT {run_columns} FROM runlane_runs WHERE id = ?
@@ -83,12 +84,14 @@ UPDATE runlane_runs SET progress = ?, progress_message = ? WHERE id = ?
 
 -- name: cancel_tree
 -- The non-terminal runs among the given ids and every non-terminal descendant (through terminal ones
--- too), each with the seed it descends from.
+-- too), each with the seed it descends from. Continuations still waiting on their parent are not descended
+-- into: the cancel decides them by their `when` rule (a `when="cancelled"` one starts).
 WITH RECURSIVE tree (id, seed) AS (
     SELECT id, id FROM runlane_runs
     WHERE id IN (SELECT value FROM json_each(?)) AND status IN ('scheduled', 'pending', 'running', 'retrying')
     UNION
     SELECT r.id, tree.seed FROM runlane_runs AS r JOIN tree ON r.parent_run_id = tree.id
+    WHERE NOT (r.continue_when IS NOT NULL AND +r.status = 'scheduled' AND r.due_at IS NULL)
 )
 SELECT r.id, tree.seed, r.status, r.attempt, r.last_event_id FROM tree JOIN runlane_runs AS r USING (id)
 WHERE r.status IN ('scheduled', 'pending', 'running', 'retrying')
@@ -208,3 +211,34 @@ DELETE FROM runlane_runs WHERE id IN (
       AND id NOT IN (SELECT id FROM ancestor)
     LIMIT ?
 )
+
+-- name: waiting_continuations
+-- Continuations still waiting on one of the given runs, once that run is terminal.
+SELECT c.id, c.continue_when, c.attempt, c.last_event_id, c.not_before, p.id, p.status
+FROM runlane_runs AS p
+JOIN runlane_runs AS c INDEXED BY runlane_runs_waiting_continuations
+  ON c.parent_run_id = p.id AND c.continue_when IS NOT NULL AND c.status = 'scheduled'
+WHERE p.id IN (SELECT value FROM json_each(?))
+  AND (p.status = 'succeeded' OR p.status = 'failed' OR p.status = 'cancelled' OR p.status = 'skipped')
+  AND c.due_at IS NULL
+ORDER BY c.id
+
+-- name: start_continuation
+UPDATE runlane_runs SET status = ?, due_at = ?, last_event_id = ?
+WHERE id = ? AND status = 'scheduled' AND due_at IS NULL
+
+-- name: insert_batch
+INSERT INTO runlane_batches (created_at, parent_run_id) VALUES (?, ?) RETURNING id
+
+-- name: set_batch_counts
+UPDATE runlane_batches SET total = ?, scheduled = ?, pending = ? WHERE id = ?
+
+-- name: get_batch
+SELECT id, created_at, parent_run_id, total, scheduled, pending, running, retrying, succeeded, failed,
+       cancelled, skipped, finish_seq
+FROM runlane_batches WHERE id = ?
+
+-- name: batch_runs
+SELECT batch_seq, {run_columns} FROM runlane_runs INDEXED BY runlane_runs_batch_seq
+WHERE batch_id = ? AND batch_seq IS NOT NULL AND batch_seq > ? AND batch_seq <= ?
+ORDER BY batch_seq LIMIT ?

@@ -5,10 +5,16 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from runlane.models import Attempt, Event, JobInfo, Run, RunFilter, to_timestamp
+from runlane.models import Attempt, Batch, Event, JobInfo, Run, RunFilter, to_timestamp
 from runlane.serialization import dumps
 from runlane.store.base import Lease
-from runlane.store.sqlite.rows import attempt_from_row, event_from_row, job_from_row, run_from_row
+from runlane.store.sqlite.rows import (
+    attempt_from_row,
+    batch_from_row,
+    event_from_row,
+    job_from_row,
+    run_from_row,
+)
 from runlane.store.sqlite.sql import Q
 
 # list_runs: one predicate per RunFilter field; the SQL text depends only on which fields are set, so the
@@ -85,3 +91,16 @@ def next_due_at(conn: sqlite3.Connection, queues: Sequence[str], jobs: Sequence[
         return None
     row = conn.execute(Q["next_due_at"], (dumps(list(queues)), dumps(list(jobs)))).fetchone()
     return None if row is None or row[0] is None else float(row[0])
+
+
+def get_batch(conn: sqlite3.Connection, batch_id: int) -> Batch | None:
+    row = conn.execute(Q["get_batch"], (batch_id,)).fetchone()
+    return None if row is None else batch_from_row(row)
+
+
+def batch_runs(
+    conn: sqlite3.Connection, batch_id: int, after_seq: int, up_to_seq: int | None, limit: int
+) -> list[tuple[int, Run]]:
+    upper = up_to_seq if up_to_seq is not None else 2**62
+    rows = conn.execute(Q["batch_runs"], (batch_id, after_seq, upper, limit))
+    return [(row[0], run_from_row(row[1:])) for row in rows]

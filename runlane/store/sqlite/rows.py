@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runlane.models import Attempt, ErrorInfo, Event, JobInfo, Run, RunStatus, to_datetime
+from runlane.models import Attempt, Batch, ErrorInfo, Event, JobInfo, Run, RunStatus, to_datetime
 from runlane.serialization import dumps, loads
 
 # Decoding ``RunStatus(x)`` is a hot path in claim and list: look the members up instead.
@@ -50,6 +50,30 @@ def run_from_row(row: Any) -> Run:
         result=loads(row[21]),
         error=_error(row[22]),
         worker_id=row[23],
+    )
+
+
+_BATCH_COUNTS = (
+    RunStatus.SCHEDULED,
+    RunStatus.PENDING,
+    RunStatus.RUNNING,
+    RunStatus.RETRYING,
+    RunStatus.SUCCEEDED,
+    RunStatus.FAILED,
+    RunStatus.CANCELLED,
+    RunStatus.SKIPPED,
+)
+
+
+def batch_from_row(row: Any) -> Batch:
+    """``id, created_at, parent_run_id, total``, the eight counts in ``_BATCH_COUNTS`` order, ``finish_seq``."""
+    return Batch(
+        id=row[0],
+        created_at=_dt(row[1]),
+        parent_run_id=row[2],
+        total=row[3],
+        counts=dict(zip(_BATCH_COUNTS, row[4:12], strict=True)),
+        finish_seq=row[12],
     )
 
 

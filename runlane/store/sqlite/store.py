@@ -17,13 +17,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from runlane.errors import StoreUnavailable
-from runlane.models import Attempt, Event, JobInfo, Run, RunFilter
+from runlane.models import Attempt, Batch, Event, JobInfo, Run, RunFilter
 from runlane.store import base
 from runlane.store.base import ConflictPolicy, EventDraft, Finish, Lease, NewRun, Store
 from runlane.store.migrations import latest_version, load_migrations
 from runlane.store.notify import Notifier, Topic
-from runlane.store.sqlite import reads, schema, writes
+from runlane.store.sqlite import flow, reads, schema, writes
 from runlane.store.sqlite.connection import Readers, Tx, Writer, connect
+from runlane.store.sqlite.flow import SQLiteFlow
 from runlane.store.sqlite.wakeup import WakeChannel
 
 T = TypeVar("T")
@@ -43,7 +44,7 @@ def parse_url(url: str) -> str:
     return rest[1:]
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteFlow, Store):
     """See the module docstring. ``readers``: reader threads; ``wakeups``: cross-process wake-ups on/off."""
 
     def __init__(
@@ -65,6 +66,7 @@ class SQLiteStore(Store):
         self._writer: Writer | None = None
         self._readers: Readers | None = None
         self._wake: WakeChannel | None = None
+        self._limits_active = False  # the last claim met limits: finishes then wake `work`
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.url!r})"
@@ -191,6 +193,21 @@ class SQLiteStore(Store):
             return set()
         return await self._write(lambda tx: writes.append_events(tx, self.now(), events, worker_id))
 
+    # -- batches --------------------------------------------------------------------------------------------
+
+    async def insert_batch(
+        self, runs: Sequence[NewRun], *, parent_run_id: int | None = None
+    ) -> tuple[Batch, list[Run]]:
+        return await self._write(lambda tx: writes.insert_batch(tx, self.now(), runs, parent_run_id))
+
+    async def get_batch(self, batch_id: int) -> Batch | None:
+        return await self._read(lambda conn: reads.get_batch(conn, batch_id))
+
+    async def batch_runs(
+        self, batch_id: int, *, after_seq: int = 0, up_to_seq: int | None = None, limit: int = 1000
+    ) -> list[tuple[int, Run]]:
+        return await self._read(lambda conn: reads.batch_runs(conn, batch_id, after_seq, up_to_seq, limit))
+
     # -- user actions -----------------------------------------------------------------------------------------
 
     async def cancel_runs(self, run_ids: Sequence[int], *, reason: str = "cancelled by user") -> list[int]:
@@ -212,9 +229,13 @@ class SQLiteStore(Store):
         limit: int,
         lease_timeout: float,
     ) -> list[Run]:
-        return await self._write(
-            lambda tx: writes.claim(tx, self.now(), worker_id, queues, jobs, limit, lease_timeout)
-        )
+        def op(tx: Tx) -> list[Run]:
+            runs, self._limits_active = flow.claim(
+                tx, self.now(), worker_id, queues, jobs, limit, lease_timeout
+            )
+            return runs
+
+        return await self._write(op)
 
     def heartbeat_blocking(self, worker_id: str, leases: Sequence[Lease], lease_timeout: float) -> set[int]:
         return self._require_writer().run_blocking(
@@ -227,7 +248,14 @@ class SQLiteStore(Store):
     async def finish_attempts(self, finishes: Sequence[Finish], *, worker_id: str) -> list[bool]:
         if not finishes:
             return []
-        return await self._write(lambda tx: writes.finish_attempts(tx, self.now(), finishes, worker_id))
+
+        def op(tx: Tx) -> list[bool]:
+            done = writes.finish_attempts(tx, self.now(), finishes, worker_id)
+            if self._limits_active and any(done):
+                tx.topics.add("work")  # a limit slot freed: workers held back by it may claim now
+            return done
+
+        return await self._write(op)
 
     async def release_runs(self, leases: Sequence[Lease], *, worker_id: str) -> list[int]:
         return await self._write(lambda tx: writes.release_runs(tx, self.now(), leases, worker_id))

@@ -8,13 +8,14 @@ correct. Batch verbs use ``executemany`` and JSON-array parameters to keep Pytho
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 from runlane.errors import RunConflict, RunNotFound
-from runlane.models import ErrorInfo, JobInfo, Run, RunStatus, to_datetime
+from runlane.models import Batch, ErrorInfo, JobInfo, Run, RunStatus, to_datetime
 from runlane.serialization import dumps
 from runlane.store.base import (
     CANCELLED,
@@ -26,6 +27,7 @@ from runlane.store.base import (
     Lease,
     NewRun,
 )
+from runlane.store.sqlite import reads
 from runlane.store.sqlite.connection import Tx
 from runlane.store.sqlite.rows import error_json, run_from_row, status_data
 from runlane.store.sqlite.sql import Q, claim_sql
@@ -94,6 +96,9 @@ def insert_runs(tx: Tx, now: float, runs: Sequence[NewRun], on_conflict: Conflic
         run_id = next_id
         next_id += 1
         status = "scheduled" if r.not_before is not None and r.not_before > now else "pending"
+        due_at: float | None = r.not_before if r.not_before is not None else now
+        if r.continue_when is not None:
+            status, due_at = "scheduled", None  # waits for its parent, not for a time
         root = run_id if r.parent_run_id is None else roots[r.parent_run_id]
         params = (
             run_id,
@@ -105,7 +110,7 @@ def insert_runs(tx: Tx, now: float, runs: Sequence[NewRun], on_conflict: Conflic
             r.max_attempts,
             r.not_before,
             r.not_after,
-            r.not_before if r.not_before is not None else now,
+            due_at,
             r.dedup_id,
             dumps(list(r.tags)),
             r.parent_run_id,
@@ -113,6 +118,8 @@ def insert_runs(tx: Tx, now: float, runs: Sequence[NewRun], on_conflict: Conflic
             r.batch_id,
             r.schedule_id,
             now,
+            r.continue_when,
+            r.concurrency_key,
         )
         if r.dedup_id is None:
             bulk.append(params)
@@ -166,7 +173,73 @@ def insert_runs(tx: Tx, now: float, runs: Sequence[NewRun], on_conflict: Conflic
     if any_inserted:
         # `work` for scheduled runs too: idle workers re-read next_due_at.
         tx.topics |= {"work", "change"}
+    waiting_on = {r.parent_run_id for r in runs if r.continue_when is not None and r.parent_run_id}
+    if waiting_on and resolve_continuations(tx, now, waiting_on):
+        # A parent that is already terminal decides its new continuations at once: return them as decided.
+        fresh = {run.id: run for run in reads.get_runs(conn, [run.id for run in out])}
+        out = [fresh.get(run.id, run) for run in out]
     return out
+
+
+def insert_batch(
+    tx: Tx, now: float, runs: Sequence[NewRun], parent_run_id: int | None
+) -> tuple[Batch, list[Run]]:
+    conn = tx.conn
+    (batch_id,) = conn.execute(Q["insert_batch"], (now, parent_run_id)).fetchone()
+    children = [replace(r, batch_id=batch_id, parent_run_id=parent_run_id, dedup_id=None) for r in runs]
+    out = insert_runs(tx, now, children, "raise")
+    scheduled = sum(1 for run in out if run.status is RunStatus.SCHEDULED)
+    conn.execute(Q["set_batch_counts"], (len(out), scheduled, len(out) - scheduled, batch_id))
+    batch = reads.get_batch(conn, batch_id)
+    assert batch is not None
+    return batch, out
+
+
+# -- continuations ------------------------------------------------------------------------------------------------
+
+
+def resolve_continuations(tx: Tx, now: float, parent_ids: Iterable[int]) -> list[int]:
+    """Decide the continuations waiting on those of ``parent_ids`` that are terminal, and down the chains
+    that this cancels. Called inside every transaction that makes runs terminal. Returns the ids decided."""
+    conn = tx.conn
+    decided: list[int] = []
+    todo = sorted(set(parent_ids))
+    while todo:
+        rows = conn.execute(Q["waiting_continuations"], (dumps(todo),)).fetchall()
+        if not rows:
+            break
+        starts: list[tuple[Any, ...]] = []
+        cancels: list[tuple[Any, ...]] = []
+        events: list[EventRow] = []
+        todo = []
+        for run_id, when, attempt, last_event_id, not_before, parent_id, parent_status in rows:
+            decided.append(run_id)
+            if when == "finished" or when == parent_status:
+                if not_before is not None and not_before > now:
+                    # Still scheduled, now waiting for its not_before like any run: no status change.
+                    starts.append(("scheduled", not_before, last_event_id, run_id))
+                else:
+                    reason = f"parent run {parent_id} {parent_status}"
+                    starts.append(("pending", now, last_event_id + 1, run_id))
+                    events.append(
+                        _status_event(run_id, last_event_id + 1, now, "scheduled", "pending", attempt, reason)
+                    )
+            else:
+                message = f"parent run {parent_id} {parent_status}; this continuation runs when {when}"
+                cancels.append((error_json(ErrorInfo(CANCELLED, message)), now, last_event_id + 1, run_id))
+                events.append(
+                    _status_event(run_id, last_event_id + 1, now, "scheduled", "cancelled", attempt, message)
+                )
+                todo.append(run_id)
+        if starts:
+            conn.executemany(Q["start_continuation"], starts)
+            tx.topics |= {"work", "change"}
+        if cancels:
+            conn.executemany(Q["cancel_run"], cancels)
+            tx.topics.add("change")
+        if events:
+            conn.executemany(Q["insert_event"], events)
+    return decided
 
 
 # -- events -------------------------------------------------------------------------------------------------------
@@ -260,7 +333,16 @@ def cancel_runs(tx: Tx, now: float, run_ids: Sequence[int], reason: str) -> list
     if attempts:
         conn.executemany(Q["end_attempt"], attempts)
         tx.topics.add("cancel")
-    return list(found)
+    cancelled = list(found)
+    if cancelled:
+        decided = set(resolve_continuations(tx, now, cancelled))
+        if decided:
+            cancelled += [run_id for run_id in _terminal(conn, decided) if run_id not in found]
+    return cancelled
+
+
+def _terminal(conn: sqlite3.Connection, run_ids: Iterable[int]) -> list[int]:
+    return [run.id for run in reads.get_runs(conn, sorted(run_ids)) if run.status.is_terminal]
 
 
 def retry_run(tx: Tx, now: float, run_id: int) -> bool:
@@ -330,14 +412,17 @@ def claim(
     }
     for i, queue in enumerate(queues):
         params[f"q{i}"] = queue
-    conn = tx.conn
-    rows = conn.execute(_claim_sql(len(queues)), params).fetchall()
+    rows = tx.conn.execute(_claim_sql(len(queues)), params).fetchall()
+    return apply_claim(tx, now, worker_id, rows, params["expires"])
+
+
+def apply_claim(tx: Tx, now: float, worker_id: str, rows: Sequence[Any], expires: float) -> list[Run]:
+    """Start the selected pending ``rows`` ({run_columns}, last_event_id, …): running, attempt + 1, a lease."""
     if not rows:
         return []
+    conn = tx.conn
     ids = dumps([r[0] for r in rows])
-    conn.execute(
-        Q["claim_update"], {"worker": worker_id, "expires": params["expires"], "now": now, "ids": ids}
-    )
+    conn.execute(Q["claim_update"], {"worker": worker_id, "expires": expires, "now": now, "ids": ids})
     claimed: list[Run] = []
     attempts: list[tuple[Any, ...]] = []
     events: list[EventRow] = []
@@ -413,6 +498,7 @@ def finish_attempts(tx: Tx, now: float, finishes: Sequence[Finish], worker_id: s
         events.append(_status_event(f.run_id, last_event_id, now, "running", f.outcome, f.attempt, reason))
     if terminal_runs:
         conn.executemany(Q["finish_terminal"], terminal_runs)
+        resolve_continuations(tx, now, [row[5] for row in terminal_runs])
     if retrying_runs:
         conn.executemany(Q["finish_retrying"], retrying_runs)
         tx.topics.add("work")  # idle workers re-read next_due_at
@@ -468,6 +554,7 @@ def reap_expired_leases(tx: Tx, now: float) -> list[int]:
     conn.executemany(Q["reap_run"], runs)
     conn.executemany(Q["end_attempt"], attempts)
     conn.executemany(Q["insert_event"], events)
+    resolve_continuations(tx, now, [row[5] for row in runs if row[0] == "failed"])
     # `cancel`: a worker that is alive but lost its lease learns it at once and stops the attempt.
     tx.topics |= {"change", "cancel"}
     if requeued:
@@ -490,6 +577,7 @@ def expire_runs(tx: Tx, now: float) -> list[int]:
     conn.executemany(Q["cancel_run"], runs)
     conn.executemany(Q["insert_event"], events)
     tx.topics.add("change")
+    resolve_continuations(tx, now, [row[0] for row in rows])
     return [row[0] for row in rows]
 
 
