@@ -203,6 +203,8 @@ class Job(Generic[P, R]):
             raise InvalidArguments(
                 f"arguments for job {self.name!r} must be a JSON object (a dict), not {type(args).__name__}"
             )
+        if not args and not self.spec.names:
+            return {}  # a job without parameters called without arguments: nothing to validate
         if self.spec.context_param is not None and self.spec.context_param in args:
             raise InvalidArguments(
                 f"job {self.name!r}: {self.spec.context_param!r} is the job context, not an argument"
@@ -220,6 +222,8 @@ class Job(Generic[P, R]):
 
     def load(self, stored: Mapping[str, Any]) -> dict[str, Any]:
         """Stored JSON arguments → keyword arguments for the function (pydantic models rebuilt)."""
+        if not stored and not self.spec.names:
+            return {}  # no parameters and no arguments: skip the model
         try:
             instance = self.spec.model.model_validate(dict(stored))
         except pydantic.ValidationError as exc:

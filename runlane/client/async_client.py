@@ -221,11 +221,14 @@ class AsyncClient:
         them go into the caller's transaction."""
         store = await self._store()
         tag_tuple = tuple(tags or ())
-        news = [
-            await self._new_run(
+        news: list[NewRun] = []
+        if args_list:
+            # Options, defaults and times are the same for every item: work them out once, with the first
+            # item, then validate each item's arguments and compute its concurrency key.
+            first = await self._new_run(
                 store,
                 job,
-                args,
+                args_list[0],
                 not_before=not_before,
                 not_after=not_after,
                 priority=priority,
@@ -234,8 +237,16 @@ class AsyncClient:
                 max_attempts=max_attempts,
                 tags=tag_tuple,
             )
-            for args in args_list
-        ]
+            name, local, info = await self._resolve(job, store)
+            news.append(first)
+            for args in args_list[1:]:
+                if local is not None:
+                    data = local.validate(args)
+                else:
+                    assert info is not None
+                    data = validate_with_schema(name, info.args_schema, args)
+                key = run_concurrency_key(name, local, info, data)
+                news.append(replace(first, args=data, concurrency_key=key))
         runs: list[Run] = []
         for start in range(0, len(news), chunk_size):
             chunk = news[start : start + chunk_size]

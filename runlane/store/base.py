@@ -319,6 +319,24 @@ class Store(SchedulesAndLimits):
         with ``attempt + 1``, an attempt row, ``worker_id`` and a lease until now + ``lease_timeout``.
         """
 
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        *,
+        worker_id: str,
+        queues: Sequence[str],
+        jobs: Sequence[str],
+        limit: int,
+        lease_timeout: float,
+    ) -> tuple[list[bool], list[Run]]:
+        """``finish_attempts(finishes)`` then ``claim(limit=limit)``, with the semantics of the two calls in
+        that order (so a run made due by a finish, a retry or a continuation, can be claimed at once), in as
+        few round trips as the store allows. A store that does both in one transaction writes nothing when
+        it raises. The default makes the two calls."""
+        done = await self.finish_attempts(finishes, worker_id=worker_id) if finishes else []
+        runs = await self.claim(worker_id, queues=queues, jobs=jobs, limit=limit, lease_timeout=lease_timeout)
+        return done, runs
+
     @abc.abstractmethod
     def heartbeat_blocking(self, worker_id: str, leases: Sequence[Lease], lease_timeout: float) -> set[int]:
         """Extend the leases still held; return the run ids still held (the rest were lost: cancelled,

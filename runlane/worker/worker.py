@@ -70,6 +70,10 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.processed = 0
         self._active: dict[int, ActiveAttempt] = {}
+        self._reserved = 0  # slots promised to a claim in flight (the claim loop's or the finisher's)
+        self._found_empty: int | None = (
+            None  # the `work` generation at which a finisher's claim found nothing
+        )
         self._stopping = False
         self._hard_stop = False
         self._kick: asyncio.Event | None = None
@@ -145,7 +149,7 @@ class Worker:
                 "concurrency": self.concurrency,
             },
         )
-        self._finisher = Batcher(lambda batch: store.finish_attempts(batch, worker_id=self.id))
+        self._finisher = Batcher(lambda batch: self._flush_finishes(store, batch))
         self.scheduler = Scheduler(store, poll_interval=self.settings.poll_interval)
         self._pool = ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix=f"runlane-job-{self.id}"
@@ -230,25 +234,38 @@ class Worker:
         notifier = store.notifier
         jobs, queues = self.job_names, self.queues
         lease_timeout, poll = self.settings.lease_timeout, self.settings.poll_interval
+        assert self._finisher is not None
+        finisher = self._finisher
         while not self._stopping:
-            free = self.concurrency - len(self._active)
-            if free <= 0:
+            free = self._free_slots()
+            if free <= 0 or finisher.busy:
+                # A finish being written claims the slots freed meanwhile in the same round trip; the
+                # finisher kicks this loop when it is done.
                 self._kick.clear()
-                if self.concurrency - len(self._active) <= 0 and not self._stopping:
+                if (self._free_slots() <= 0 or finisher.busy) and not self._stopping:
                     await self._kick.wait()
                 continue
             self._kick.clear()
-            generation = notifier.generation("work")
-            try:
-                runs = await store.claim(
-                    self.id, queues=queues, jobs=jobs, limit=free, lease_timeout=lease_timeout
-                )
-            except StoreUnavailable as exc:
-                log.warning("worker %s: claim failed, retrying in %.1f s: %s", self.id, poll, exc)
-                await notifier.wait("work", generation, poll, event=self._kick)
-                continue
-            for run in runs:
-                self._start(run)
+            runs: list[Run] = []
+            if self._found_empty is not None:
+                # The finisher's claim just found nothing: claiming again before new work is signalled
+                # would find nothing either, so wait for a signal newer than that claim.
+                generation, self._found_empty = self._found_empty, None
+            else:
+                generation = notifier.generation("work")
+                self._reserved += free
+                try:
+                    runs = await store.claim(
+                        self.id, queues=queues, jobs=jobs, limit=free, lease_timeout=lease_timeout
+                    )
+                except StoreUnavailable as exc:
+                    log.warning("worker %s: claim failed, retrying in %.1f s: %s", self.id, poll, exc)
+                    await notifier.wait("work", generation, poll, event=self._kick)
+                    continue
+                finally:
+                    self._reserved -= free
+                for run in runs:
+                    self._start(run)
             if len(runs) == free:
                 await asyncio.sleep(0)  # let the attempts start before claiming more
                 continue
@@ -272,6 +289,39 @@ class Worker:
                     return
             if timeout > 0:
                 await notifier.wait("work", generation, timeout, event=self._kick)
+
+    def _free_slots(self) -> int:
+        return self.concurrency - len(self._active) - self._reserved
+
+    async def _flush_finishes(self, store: Store, batch: Sequence[Finish]) -> Sequence[bool]:
+        """Write ends of attempts and, in the same round trip, claim runs for the slots they freed."""
+        assert self._kick is not None
+        limit = 0 if self._stopping else max(self._free_slots(), 0)
+        if limit == 0:
+            try:
+                return await store.finish_attempts(batch, worker_id=self.id)
+            finally:
+                self._kick.set()  # the claim loop waits while a finish is in flight
+        self._reserved += limit
+        generation = store.notifier.generation("work")
+        self._found_empty = None
+        try:
+            done, runs = await store.finish_and_claim(
+                batch,
+                worker_id=self.id,
+                queues=self.queues,
+                jobs=self.job_names,
+                limit=limit,
+                lease_timeout=self.settings.lease_timeout,
+            )
+        finally:
+            self._reserved -= limit
+            self._kick.set()  # the claim loop waits while a finish is in flight
+        if len(runs) < limit:
+            self._found_empty = generation
+        for run in runs:
+            self._start(run)
+        return done
 
     async def _held_by_limits(self, store: Store) -> bool:
         """Burst mode: are runs of this worker's unpaused queues pending while limits hold them back?"""

@@ -328,3 +328,61 @@ async def test_terminal_runs_are_not_reaped_or_expired(
     assert await clocked_store.reap_expired_leases() == []
     assert await clocked_store.expire_runs() == []
     assert (await get(clocked_store, run.id)).status == outcome
+
+
+# -- finish and claim in one call ----------------------------------------------------------------------------------
+
+
+async def test_finish_and_claim_finishes_then_claims(clocked_store: Store, clock: FakeClock) -> None:
+    store = clocked_store
+    a, b = await store.insert_runs([new(), new()])
+    ca = await claim_one(store, "w1")
+    c = await insert(store, continue_when="succeeded", parent_run_id=a.id)
+    retry = Finish(ca.id, ca.attempt, "succeeded", result={"x": 1})
+    stale = Finish(b.id, 7, "succeeded")  # b is not this worker's: fenced off
+    done, runs = await store.finish_and_claim(
+        [retry, stale], worker_id="w1", queues=("default",), jobs=("j",), limit=5, lease_timeout=LEASE
+    )
+    assert done == [True, False]
+    # b was pending; c became pending through the finish of its parent, in the same call
+    assert [r.id for r in runs] == [b.id, c.id]
+    assert all(r.status is RunStatus.RUNNING and r.worker_id == "w1" for r in runs)
+    finished = await get(store, ca.id)
+    assert finished.status is RunStatus.SUCCEEDED and finished.result == {"x": 1}
+    assert await status_changes(store, ca.id) == [("pending", "running"), ("running", "succeeded")]
+    assert await status_changes(store, c.id) == [("scheduled", "pending"), ("pending", "running")]
+    (attempt,) = await store.attempts(ca.id)
+    assert attempt.status is RunStatus.SUCCEEDED
+
+
+async def test_finish_and_claim_with_nothing_to_finish_or_claim(store: Store) -> None:
+    run = await insert(store)
+    assert await store.finish_and_claim(
+        [], worker_id="w1", queues=("default",), jobs=("j",), limit=0, lease_timeout=LEASE
+    ) == ([], [])
+    claimed = await claim_one(store, "w1")
+    done, runs = await store.finish_and_claim(
+        [Finish(claimed.id, claimed.attempt, "failed", error=ErrorInfo("E", "boom"))],
+        worker_id="w1",
+        queues=("default",),
+        jobs=("j",),
+        limit=3,
+        lease_timeout=LEASE,
+    )
+    assert (done, runs) == ([True], [])
+    assert (await get(store, run.id)).status is RunStatus.FAILED
+
+
+async def test_finish_and_claim_claims_a_retry_due_at_once(store: Store) -> None:
+    run = await insert(store, max_attempts=3)
+    claimed = await claim_one(store, "w1")
+    done, runs = await store.finish_and_claim(
+        [Finish(claimed.id, claimed.attempt, "retrying", error=ErrorInfo("E", "again"), retry_delay=0.0)],
+        worker_id="w1",
+        queues=("default",),
+        jobs=("j",),
+        limit=1,
+        lease_timeout=LEASE,
+    )
+    assert done == [True]
+    assert [(r.id, r.attempt) for r in runs] == [(run.id, 2)]

@@ -89,6 +89,16 @@ def new_run(new: NewRun, id_: int, status: str, root_run_id: int, created_at: da
     )
 
 
+def single_statement(runs: Sequence[NewRun]) -> bool:
+    """Whether ``insert_plan`` can run in autocommit, each statement committing on its own, and still be
+    all-or-nothing: one INSERT statement (one chunk, no parent to check, no continuation to decide) that
+    either inserts every row or, for a dedup conflict, can only skip its single row. A skipped single row
+    inserted nothing, so the look-up and retry that follow need no enclosing transaction either."""
+    if len(runs) > CHUNK or any(r.parent_run_id is not None or r.continue_when is not None for r in runs):
+        return False
+    return len(runs) == 1 or all(r.dedup_id is None for r in runs)
+
+
 def insert_plan(
     runs: Sequence[NewRun], on_conflict: ConflictPolicy, *, now: datetime | None, token: str
 ) -> Plan:
@@ -113,13 +123,15 @@ def insert_plan(
         conflicts: list[int] = []
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start : start + CHUNK]
+            columns = _columns([runs[i] for i in chunk])
+            single = len(chunk) == 1
             params: dict[str, Any] = {
-                **_columns([runs[i] for i in chunk]),
+                **({k: v[0] for k, v in columns.items()} if single else columns),
                 "now": now,
                 "token": token,
                 "channels": ["runlane_work"],
             }
-            rows = yield Q["insert_runs"], params
+            rows = yield (Q["insert_one"] if single else Q["insert_runs"]), params
             for ord_, id_, status, root_run_id, created_at in rows:
                 position = chunk[ord_ - 1]
                 if id_ is None:

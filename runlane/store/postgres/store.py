@@ -296,11 +296,14 @@ class PostgresStore(PostgresFlow, Store):
         if not runs:
             return []
 
+        single = ins.single_statement(runs)
+
         async def body(conn: AConn) -> tuple[list[Run], int]:
+            plan = ins.insert_plan(runs, on_conflict, now=self._now(), token=self._token)
+            if single:  # one autocommit statement is already all-or-nothing: no BEGIN/COMMIT round trips
+                return await ins.drive_async(conn, plan)
             async with conn.transaction():
-                return await ins.drive_async(
-                    conn, ins.insert_plan(runs, on_conflict, now=self._now(), token=self._token)
-                )
+                return await ins.drive_async(conn, plan)
 
         result, created = await self._run(body, retry_disconnect=False)
         if created:
@@ -536,46 +539,98 @@ class PostgresStore(PostgresFlow, Store):
     ) -> list[Run]:
         if limit <= 0 or not queues or not jobs:
             return []
+        return (
+            await self.finish_and_claim(
+                (), worker_id=worker_id, queues=queues, jobs=jobs, limit=limit, lease_timeout=lease_timeout
+            )
+        )[1]
+
+    async def _send_claim(
+        self,
+        conn: AConn,
+        worker_id: str,
+        queues: Sequence[str],
+        jobs: Sequence[str],
+        limit: int,
+        lease_timeout: float,
+        now: datetime | None,
+    ) -> tuple[psycopg.AsyncCursor[Any], psycopg.AsyncCursor[Any]]:
+        """Queue the promotion of due runs and the claim on ``conn`` (inside a pipelined transaction)."""
+        promote = await conn.execute(
+            Q["promote_due"],
+            {
+                "now": now,
+                "limit": PROMOTE_LIMIT,
+                "token": self._token,
+                "channels": _channels("work", "change"),
+            },
+        )
+        claim = await conn.execute(
+            Q["claim"],
+            {
+                "now": now,
+                "queues": list(queues),
+                "jobs": list(jobs),
+                "limit": limit,
+                "worker": worker_id,
+                "lease_timeout": float(lease_timeout),
+                "token": self._token,
+                "channels": _channels("change"),
+            },
+        )
+        return promote, claim
+
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        *,
+        worker_id: str,
+        queues: Sequence[str],
+        jobs: Sequence[str],
+        limit: int,
+        lease_timeout: float,
+    ) -> tuple[list[bool], list[Run]]:
+        """The finishes, their continuations, the promotion of due runs and the claim: one transaction and
+        one round trip (pipeline mode sends BEGIN, every statement and COMMIT together)."""
+        if limit <= 0 or not queues or not jobs:
+            return await self.finish_attempts(finishes, worker_id=worker_id), []
         now = self._now()
+        batches = rounds(finishes, key=lambda f: f.run_id)
+        topics = self._finish_topics(finishes)
+        ending = sorted({f.run_id for f in finishes if f.outcome != "retrying"})
 
-        async def body(conn: AConn) -> tuple[int, list[tuple[Any, ...]]]:
-            # One round trip for the whole transaction: pipeline mode sends BEGIN, both statements and COMMIT
-            # together and reads the results back afterwards.
+        async def body(conn: AConn) -> tuple[list[bool], bool, int, list[tuple[Any, ...]]]:
             async with conn.pipeline(), conn.transaction():
-                promote = await conn.execute(
-                    Q["promote_due"],
-                    {
-                        "now": now,
-                        "limit": PROMOTE_LIMIT,
-                        "token": self._token,
-                        "channels": _channels("work", "change"),
-                    },
+                finished, resolved = await self._send_finish(conn, batches, ending, worker_id, topics, now)
+                promote, claim = await self._send_claim(
+                    conn, worker_id, queues, jobs, limit, lease_timeout, now
                 )
-                claim = await conn.execute(
-                    Q["claim"],
-                    {
-                        "now": now,
-                        "queues": list(queues),
-                        "jobs": list(jobs),
-                        "limit": limit,
-                        "worker": worker_id,
-                        "lease_timeout": float(lease_timeout),
-                        "token": self._token,
-                        "channels": _channels("change"),
-                    },
-                )
+            done, started = await self._collect_finish(finishes, finished, resolved)
             promoted_row = await promote.fetchone()
-            return (promoted_row[0] if promoted_row else 0), await claim.fetchall()
+            return done, started, (promoted_row[0] if promoted_row else 0), await claim.fetchall()
 
-        promoted, rows = await self._run(body)
+        done, started, promoted, rows = await self._run(body)
+        wake: set[Topic] = set()
+        if any(done):
+            wake.update(topics)
+            if started:
+                wake.add("work")
         if promoted:
-            self.notifier.notify("work", "change")
+            wake.update(("work", "change"))
         elif rows:
-            self.notifier.notify("change")
+            wake.add("change")
+        if wake:
+            self.notifier.notify(*sorted(wake))
         runs = [run_from_row(row) for row in rows]
         if len(runs) < limit:  # paused-free limited queues and limited jobs: the limit-aware claim
-            runs += await self.claim_limited(worker_id, queues, jobs, limit - len(runs), lease_timeout)
-        return runs
+            try:
+                runs += await self.claim_limited(worker_id, queues, jobs, limit - len(runs), lease_timeout)
+            except StoreUnavailable:
+                if not finishes:
+                    raise
+                # The finishes committed: report them; the limited runs are claimed on the next round.
+                log.warning("limit-aware claim failed after recording %d finishes", len(finishes))
+        return done, runs
 
     def heartbeat_blocking(self, worker_id: str, leases: Sequence[Lease], lease_timeout: float) -> set[int]:
         params = {
@@ -616,50 +671,76 @@ class PostgresStore(PostgresFlow, Store):
         if not finishes:
             return []
         batches = rounds(finishes, key=lambda f: f.run_id)
-        topics: list[Topic] = ["change"]
-        # `work` also when limits are in play: a freed slot lets workers held back by the limit claim.
-        if any(f.outcome == "retrying" for f in finishes) or self.limits_active():
-            topics.append("work")  # an idle worker sleeps until the earliest due time: it may now be sooner
-
+        topics = self._finish_topics(finishes)
         # Runs that may end here: their continuations are decided in the same transaction, by a statement
         # pipelined behind the finish (no extra round trip).
         ending = sorted({f.run_id for f in finishes if f.outcome != "retrying"})
+        now = self._now()
 
-        started = False  # some continuation became pending: idle workers should claim
-
-        async def body(conn: AConn) -> list[bool]:
-            nonlocal started
-            done = [False] * len(finishes)
-            cursors = []
-            resolved = None
+        async def body(conn: AConn) -> tuple[list[bool], bool]:
             single = len(batches) == 1 and not ending
             async with (
                 contextlib.nullcontext() if single else conn.pipeline(),
                 contextlib.nullcontext() if single else conn.transaction(),
             ):
-                for batch in batches:
-                    params = {
-                        **finish_params([f for _, f in batch]),
-                        "worker": worker_id,
-                        "now": self._now(),
-                        "token": self._token,
-                        "channels": _channels(*topics),
-                    }
-                    cursors.append((batch, await conn.execute(Q["finish_attempts"], params)))
-                if ending:
-                    resolved = await conn.execute(Q["resolve_continuations"], self._resolve_params(ending))
-            if resolved is not None:
-                started = any(status == "pending" for _, status in await resolved.fetchall())
-            for batch, cur in cursors:
-                finished = {row[0] for row in await cur.fetchall()}
-                for index, f in batch:
-                    done[index] = f.run_id in finished
-            return done
+                finished, resolved = await self._send_finish(conn, batches, ending, worker_id, topics, now)
+            return await self._collect_finish(finishes, finished, resolved)
 
-        done = await self._run(body)
+        done, started = await self._run(body)
         if any(done):
             self.notifier.notify(*topics, *(["work"] if started and "work" not in topics else []))
         return done
+
+    def _finish_topics(self, finishes: Sequence[Finish]) -> list[Topic]:
+        topics: list[Topic] = ["change"]
+        # `work` also when limits are in play: a freed slot lets workers held back by the limit claim.
+        if any(f.outcome == "retrying" for f in finishes) or self.limits_active():
+            topics.append("work")  # an idle worker sleeps until the earliest due time: it may now be sooner
+        return topics
+
+    async def _send_finish(
+        self,
+        conn: AConn,
+        batches: list[list[tuple[int, Finish]]],
+        ending: list[int],
+        worker_id: str,
+        topics: list[Topic],
+        now: datetime | None,
+    ) -> tuple[
+        list[tuple[list[tuple[int, Finish]], psycopg.AsyncCursor[Any]]], psycopg.AsyncCursor[Any] | None
+    ]:
+        """Queue the finish statements (one per round) and the continuations' decision on ``conn``."""
+        cursors = []
+        for batch in batches:
+            params = {
+                **finish_params([f for _, f in batch]),
+                "worker": worker_id,
+                "now": now,
+                "token": self._token,
+                "channels": _channels(*topics),
+            }
+            cursors.append((batch, await conn.execute(Q["finish_attempts"], params)))
+        resolved = None
+        if ending:
+            resolved = await conn.execute(Q["resolve_continuations"], self._resolve_params(ending))
+        return cursors, resolved
+
+    @staticmethod
+    async def _collect_finish(
+        finishes: Sequence[Finish],
+        cursors: list[tuple[list[tuple[int, Finish]], psycopg.AsyncCursor[Any]]],
+        resolved: psycopg.AsyncCursor[Any] | None,
+    ) -> tuple[list[bool], bool]:
+        """Which finishes took effect, and whether some continuation became pending."""
+        done = [False] * len(finishes)
+        started = False
+        if resolved is not None:
+            started = any(status == "pending" for _, status in await resolved.fetchall())
+        for batch, cur in cursors:
+            finished = {row[0] for row in await cur.fetchall()}
+            for index, f in batch:
+                done[index] = f.run_id in finished
+        return done, started
 
     async def release_runs(self, leases: Sequence[Lease], *, worker_id: str) -> list[int]:
         if not leases:

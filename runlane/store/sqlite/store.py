@@ -237,6 +237,32 @@ class SQLiteStore(SQLiteFlow, Store):
 
         return await self._write(op)
 
+    async def finish_and_claim(
+        self,
+        finishes: Sequence[Finish],
+        *,
+        worker_id: str,
+        queues: Sequence[str],
+        jobs: Sequence[str],
+        limit: int,
+        lease_timeout: float,
+    ) -> tuple[list[bool], list[Run]]:
+        """Both in one writer operation: one hop to the writer thread, one transaction, one commit."""
+
+        def op(tx: Tx) -> tuple[list[bool], list[Run]]:
+            now = self.now()
+            done = writes.finish_attempts(tx, now, finishes, worker_id) if finishes else []
+            if self._limits_active and any(done):
+                tx.topics.add("work")
+            runs: list[Run] = []
+            if limit > 0:
+                runs, self._limits_active = flow.claim(
+                    tx, self.now(), worker_id, queues, jobs, limit, lease_timeout
+                )
+            return done, runs
+
+        return await self._write(op)
+
     def heartbeat_blocking(self, worker_id: str, leases: Sequence[Lease], lease_timeout: float) -> set[int]:
         return self._require_writer().run_blocking(
             lambda tx: writes.heartbeat(tx, self.now(), worker_id, leases, lease_timeout)
