@@ -260,6 +260,26 @@ async def test_release_gives_the_run_back_without_using_an_attempt(store: Store)
     assert [x.worker_id for x in await store.attempts(a.id)] == ["w2"]
 
 
+async def test_progress_belongs_to_the_attempt_that_reported_it(store: Store) -> None:
+    await store.insert_runs([new(max_attempts=3)])
+    run = await claim_one(store, "w1")
+    progress = EventDraft(run.id, "progress", {"percent": 80.0, "message": "step 8"}, attempt=run.attempt)
+    assert await store.append_events([progress], worker_id="w1") == set()
+    assert (await get(store, run.id)).progress == 80.0
+    assert await store.release_runs([lease(run)], worker_id="w1") == [run.id]
+    released = await get(store, run.id)
+    assert (released.progress, released.progress_message) == (None, None)  # a pending run shows no stale 80 %
+    again = await claim_one(store, "w2")
+    again_progress = EventDraft(
+        again.id, "progress", {"percent": 30.0, "message": "step 3"}, attempt=again.attempt
+    )
+    assert await store.append_events([again_progress], worker_id="w2") == set()
+    assert await finish(store, again, "retrying", worker="w2", error=ErrorInfo("E", "x")) is True
+    third = await claim_one(store, "w3")
+    assert (third.progress, third.progress_message) == (None, None)  # a new attempt starts from nothing
+    assert (await get(store, third.id)).progress is None
+
+
 # -- reaping and expiry -----------------------------------------------------------------------------------------------
 
 

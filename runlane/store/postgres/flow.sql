@@ -193,7 +193,7 @@ WITH claimed AS (
     UPDATE runlane_runs r
     SET status = 'running', attempt = r.attempt + 1, worker_id = %(worker)s, lease_owner = %(worker)s,
         lease_expires_at = {now} + make_interval(secs => %(lease_timeout)s), started_at = {now},
-        last_event_id = r.last_event_id + 1
+        last_event_id = r.last_event_id + 1, progress = NULL, progress_message = NULL
     WHERE r.id = ANY(%(ids)s::bigint[]) AND r.status = 'pending'
     RETURNING r.*
 ), att AS (

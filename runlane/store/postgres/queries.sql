@@ -173,7 +173,8 @@ WITH open_queues AS MATERIALIZED (
     UPDATE runlane_runs r
     SET status = 'running', attempt = r.attempt + 1, worker_id = %(worker)s, lease_owner = %(worker)s,
         lease_expires_at = {now} + make_interval(secs => %(lease_timeout)s), started_at = {now},
-        last_event_id = r.last_event_id + 1
+        last_event_id = r.last_event_id + 1,
+        progress = NULL, progress_message = NULL  -- progress belongs to the attempt that reports it
     FROM candidates c WHERE r.id = c.id
     RETURNING r.*
 ), att AS (
@@ -262,6 +263,7 @@ WITH l AS (
 ), upd AS (
     UPDATE runlane_runs r
     SET status = 'pending', attempt = r.attempt - 1, lease_owner = NULL, lease_expires_at = NULL,
+        progress = NULL, progress_message = NULL,
         worker_id = (SELECT a.worker_id FROM runlane_attempts a WHERE a.run_id = r.id AND a.number = r.attempt - 1),
         started_at = (SELECT a.started_at FROM runlane_attempts a WHERE a.run_id = r.id AND a.number = r.attempt - 1),
         last_event_id = r.last_event_id + 1

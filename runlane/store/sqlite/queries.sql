@@ -131,7 +131,8 @@ ORDER BY priority DESC, due_at, id LIMIT :limit
 -- name: claim_update
 -- Not UPDATE … RETURNING: selecting the rows first and updating by id costs about half as much per run.
 UPDATE runlane_runs SET status = 'running', attempt = attempt + 1, worker_id = :worker, lease_owner = :worker,
-    lease_expires_at = :expires, started_at = :now, last_event_id = last_event_id + 1
+    lease_expires_at = :expires, started_at = :now, last_event_id = last_event_id + 1,
+    progress = NULL, progress_message = NULL  -- progress belongs to the attempt that reports it
 WHERE id IN (SELECT value FROM json_each(:ids))
 
 -- name: insert_attempt
@@ -162,7 +163,7 @@ WHERE id = ? AND attempt = ? AND status = 'running' AND lease_owner = ?
 
 -- name: release
 UPDATE runlane_runs SET status = 'pending', attempt = attempt - 1, lease_owner = NULL, lease_expires_at = NULL,
-    last_event_id = last_event_id + 1,
+    last_event_id = last_event_id + 1, progress = NULL, progress_message = NULL,
     worker_id = (SELECT a.worker_id FROM runlane_attempts AS a
                  WHERE a.run_id = runlane_runs.id AND a.number = runlane_runs.attempt - 1),
     started_at = (SELECT a.started_at FROM runlane_attempts AS a

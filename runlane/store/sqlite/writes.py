@@ -430,6 +430,7 @@ def apply_claim(tx: Tx, now: float, worker_id: str, rows: Sequence[Any], expires
         run_id, attempt, event_id = row[0], row[6] + 1, row[_RUN_WIDTH] + 1
         new = list(row[:_RUN_WIDTH])  # the row as the UPDATE left it
         new[3], new[6], new[17], new[23] = "running", attempt, now, worker_id
+        new[19] = new[20] = None  # progress belongs to the attempt that reports it
         claimed.append(run_from_row(new))
         attempts.append((run_id, attempt, worker_id, now))
         events.append(_status_event(run_id, event_id, now, "pending", "running", attempt, None))
