@@ -11,7 +11,6 @@ Workers are real `runlane worker` processes. Lag is measured with the store's ti
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.runlane_bench import fresh_store
 from runlane import RunFilter, Runlane, RunStatus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,21 +47,7 @@ def tick() -> None:
 
 
 def fresh(url: str, app: Runlane) -> None:
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-    else:
-        import psycopg
-
-        base, _, name = url.rpartition("/")
-        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
-    migrator = Runlane(url)
-    migrator.jobs.update(app.jobs)
-    asyncio.run(migrator.migrate())
-    asyncio.run(migrator.aclose())
+    fresh_store(url, app)
 
 
 @contextmanager

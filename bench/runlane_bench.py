@@ -25,8 +25,9 @@ from runlane import RunFilter, Runlane, RunStatus
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def fresh_store(url: str) -> None:
-    """Start from an empty store: delete the SQLite file, or recreate the PostgreSQL database."""
+def fresh_store(url: str, jobs_from: Runlane | None = None) -> None:
+    """Start from an empty store (delete the SQLite file, or recreate the PostgreSQL database), migrated and
+    with the catalogue of ``jobs_from`` (default: the no-op jobs of bench.apps)."""
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
         for suffix in ("", "-wal", "-shm"):
@@ -38,12 +39,12 @@ def fresh_store(url: str) -> None:
         with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}"')
-    app = Runlane(url)
-    from bench.apps import app as bench_app
-
-    app.jobs.update(bench_app.jobs)
-    asyncio.run(app.migrate())
-    asyncio.run(app.aclose())
+    if jobs_from is None:
+        from bench.apps import app as jobs_from
+    migrator = Runlane(url)
+    migrator.jobs.update(jobs_from.jobs)
+    asyncio.run(migrator.migrate())
+    asyncio.run(migrator.aclose())
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from runlane.limits import JobLimits, QueueLimits
 from runlane.models import QueueInfo, Run, Schedule
+from runlane.serialization import dumps
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,29 @@ class ScheduleDef:
     def definition(self) -> tuple[Any, ...]:
         """What, when changed, re-times the schedule."""
         return (self.job, self.args, self.cron, self.interval, self.timezone)
+
+
+def schedule_params(d: ScheduleDef, next_fire_at: Any, now: Any, *, replace: bool) -> dict[str, Any]:
+    """The upsert parameters both stores bind; each passes times in its own column type."""
+    return {
+        "id": d.id,
+        "job": d.job,
+        "args": dumps(d.args),
+        "cron": d.cron,
+        "interval": d.interval,
+        "timezone": d.timezone,
+        "overlap": d.overlap,
+        "misfire": d.misfire,
+        "max_catch_up": d.max_catch_up,
+        "queue": d.queue,
+        "priority": d.priority,
+        "max_attempts": d.max_attempts,
+        "concurrency_key": d.concurrency_key,
+        "source": d.source,
+        "next_fire_at": next_fire_at,
+        "now": now,
+        "replace": replace,
+    }
 
 
 @dataclass(frozen=True, slots=True)

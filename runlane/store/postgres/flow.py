@@ -29,7 +29,7 @@ from runlane.errors import InvalidSchedule
 from runlane.limits import JobLimits, QueueLimits, RateLimit
 from runlane.models import QueueInfo, Run, Schedule, to_datetime
 from runlane.serialization import dumps
-from runlane.store.flow import FireRequest, ScheduleDef, SchedulesAndLimits
+from runlane.store.flow import FireRequest, ScheduleDef, SchedulesAndLimits, schedule_params
 from runlane.store.limiter import Admission, job_key
 from runlane.store.notify import Topic
 from runlane.store.postgres.listener import CHANNELS
@@ -100,25 +100,7 @@ def _rate(count: int | None, period: float | None) -> RateLimit | None:
 
 
 def _schedule_params(d: ScheduleDef, now: datetime | None, replace: bool) -> dict[str, Any]:
-    return {
-        "id": d.id,
-        "job": d.job,
-        "args": dumps(d.args),
-        "cron": d.cron,
-        "interval": d.interval,
-        "timezone": d.timezone,
-        "overlap": d.overlap,
-        "misfire": d.misfire,
-        "max_catch_up": d.max_catch_up,
-        "queue": d.queue,
-        "priority": d.priority,
-        "max_attempts": d.max_attempts,
-        "concurrency_key": d.concurrency_key,
-        "source": d.source,
-        "next_fire_at": _ts(d.next_fire_at),
-        "now": now,
-        "replace": replace,
-    }
+    return schedule_params(d, _ts(d.next_fire_at), now, replace=replace)
 
 
 async def _fetch(conn: AConn, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:

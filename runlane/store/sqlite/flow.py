@@ -17,7 +17,7 @@ from runlane.errors import InvalidSchedule
 from runlane.limits import JobLimits, QueueLimits, RateLimit
 from runlane.models import QueueInfo, Run, Schedule, to_datetime
 from runlane.serialization import dumps, loads
-from runlane.store.flow import FireRequest, ScheduleDef, SchedulesAndLimits
+from runlane.store.flow import FireRequest, ScheduleDef, SchedulesAndLimits, schedule_params
 from runlane.store.limiter import Admission
 from runlane.store.sqlite import writes
 from runlane.store.sqlite.connection import Tx
@@ -76,28 +76,7 @@ def _rate(count: int | None, period: float | None) -> RateLimit | None:
 
 
 def _upsert(tx: Tx, now: float, d: ScheduleDef, *, replace: bool) -> None:
-    tx.conn.execute(
-        F["upsert_schedule"],
-        {
-            "id": d.id,
-            "job": d.job,
-            "args": dumps(d.args),
-            "cron": d.cron,
-            "interval": d.interval,
-            "timezone": d.timezone,
-            "overlap": d.overlap,
-            "misfire": d.misfire,
-            "max_catch_up": d.max_catch_up,
-            "queue": d.queue,
-            "priority": d.priority,
-            "max_attempts": d.max_attempts,
-            "concurrency_key": d.concurrency_key,
-            "source": d.source,
-            "next_fire_at": d.next_fire_at,
-            "now": now,
-            "replace": replace,
-        },
-    )
+    tx.conn.execute(F["upsert_schedule"], schedule_params(d, d.next_fire_at, now, replace=replace))
 
 
 def sync_code_schedules(tx: Tx, now: float, defs: Sequence[ScheduleDef], reason: str) -> None:
