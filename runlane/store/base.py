@@ -36,6 +36,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from runlane.models import (
@@ -48,6 +49,8 @@ from runlane.models import (
     JobInfo,
     Run,
     RunFilter,
+    RunStatus,
+    to_datetime,
 )
 from runlane.store.flow import SchedulesAndLimits
 from runlane.store.notify import Notifier
@@ -83,6 +86,35 @@ class NewRun:
     continue_when: ContinueWhen | None = None
     """Set for a continuation of ``parent_run_id`` (see the module docstring). ``batch_id`` is set by
     ``insert_batch`` only."""
+
+    def to_run(self, run_id: int, status: RunStatus, root_run_id: int, created_at: datetime) -> Run:
+        """The record of this run as just inserted: both stores return it without reading the row back."""
+        return Run(
+            id=run_id,
+            job=self.job,
+            args=self.args,
+            status=status,
+            queue=self.queue,
+            priority=self.priority,
+            attempt=0,
+            max_attempts=self.max_attempts,
+            not_before=to_datetime(self.not_before),
+            not_after=to_datetime(self.not_after),
+            dedup_id=self.dedup_id,
+            tags=tuple(self.tags),
+            parent_run_id=self.parent_run_id,
+            root_run_id=root_run_id,
+            batch_id=self.batch_id,
+            schedule_id=self.schedule_id,
+            created_at=created_at,
+            started_at=None,
+            finished_at=None,
+            progress=None,
+            progress_message=None,
+            result=None,
+            error=None,
+            worker_id=None,
+        )
 
 
 @dataclass(frozen=True, slots=True)

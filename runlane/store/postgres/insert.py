@@ -60,35 +60,6 @@ def text_array(items: Sequence[str]) -> str:
     return "{" + ",".join(quoted) + "}"
 
 
-def new_run(new: NewRun, id_: int, status: str, root_run_id: int, created_at: datetime) -> Run:
-    return Run(
-        id=id_,
-        job=new.job,
-        args=new.args,
-        status=RunStatus(status),
-        queue=new.queue,
-        priority=new.priority,
-        attempt=0,
-        max_attempts=new.max_attempts,
-        not_before=to_datetime(new.not_before),
-        not_after=to_datetime(new.not_after),
-        dedup_id=new.dedup_id,
-        tags=tuple(new.tags),
-        parent_run_id=new.parent_run_id,
-        root_run_id=root_run_id,
-        batch_id=new.batch_id,
-        schedule_id=new.schedule_id,
-        created_at=created_at,
-        started_at=None,
-        finished_at=None,
-        progress=None,
-        progress_message=None,
-        result=None,
-        error=None,
-        worker_id=None,
-    )
-
-
 def single_statement(runs: Sequence[NewRun]) -> bool:
     """Whether ``insert_plan`` can run in autocommit, each statement committing on its own, and still be
     all-or-nothing: one INSERT statement (one chunk, no parent to check, no continuation to decide) that
@@ -137,7 +108,7 @@ def insert_plan(
                 if id_ is None:
                     conflicts.append(position)
                 else:
-                    results[position] = new_run(runs[position], id_, status, root_run_id, created_at)
+                    results[position] = runs[position].to_run(id_, RunStatus(status), root_run_id, created_at)
                     created += 1
         if not conflicts:
             break

@@ -27,7 +27,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from runlane.errors import RunConflict, RunNotFound, StoreUnavailable
-from runlane.models import Attempt, Batch, Event, JobInfo, Run, RunFilter, to_datetime
+from runlane.models import Attempt, Batch, Event, JobInfo, Run, RunFilter, RunStatus, to_datetime
 from runlane.serialization import dumps
 from runlane.store.base import ConflictPolicy, EventDraft, Finish, Lease, NewRun, Store
 from runlane.store.migrations import load_migrations
@@ -434,9 +434,8 @@ class PostgresStore(PostgresFlow, Store):
             raise RunNotFound(parent_run_id)
         batch = batch_from_row(rows[0])
         children = [
-            ins.new_run(
-                replace(new, parent_run_id=parent_run_id, batch_id=batch.id, dedup_id=None),
-                *row[BATCH_WIDTH:],
+            replace(new, parent_run_id=parent_run_id, batch_id=batch.id, dedup_id=None).to_run(
+                row[BATCH_WIDTH], RunStatus(row[BATCH_WIDTH + 1]), *row[BATCH_WIDTH + 2 :]
             )
             for new, row in zip(runs, rows if runs else [], strict=True)  # no runs: one row, the batch
         ]

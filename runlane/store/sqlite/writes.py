@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from runlane.errors import RunConflict, RunNotFound
-from runlane.models import Batch, ErrorInfo, JobInfo, Run, RunStatus, to_datetime
+from runlane.models import Batch, ErrorInfo, JobInfo, Run, RunStatus
 from runlane.serialization import dumps
 from runlane.store.base import (
     CANCELLED,
@@ -140,34 +140,7 @@ def insert_runs(tx: Tx, now: float, runs: Sequence[NewRun], on_conflict: Conflic
                 continue
             own_ids.add(run_id)
         any_inserted = True
-        out.append(
-            Run(
-                id=run_id,
-                job=r.job,
-                args=r.args,
-                status=RunStatus(status),
-                queue=r.queue,
-                priority=r.priority,
-                attempt=0,
-                max_attempts=r.max_attempts,
-                not_before=to_datetime(r.not_before),
-                not_after=to_datetime(r.not_after),
-                dedup_id=r.dedup_id,
-                tags=tuple(r.tags),
-                parent_run_id=r.parent_run_id,
-                root_run_id=root,
-                batch_id=r.batch_id,
-                schedule_id=r.schedule_id,
-                created_at=datetime.fromtimestamp(now, UTC),
-                started_at=None,
-                finished_at=None,
-                progress=None,
-                progress_message=None,
-                result=None,
-                error=None,
-                worker_id=None,
-            )
-        )
+        out.append(r.to_run(run_id, RunStatus(status), root, datetime.fromtimestamp(now, UTC)))
     if bulk:
         conn.executemany(Q["insert_run"], bulk)
     if any_inserted:
