@@ -9,11 +9,11 @@ transaction from the definitions recorded here (see each store's claim).
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from runlane.limits import JobLimits, QueueLimits
+from runlane.limits import JobLimits, QueueLimits, RateLimit
 from runlane.models import QueueInfo, Run, Schedule
 from runlane.serialization import dumps
 
@@ -148,3 +148,34 @@ class SchedulesAndLimits(abc.ABC):
     @abc.abstractmethod
     async def queue_stats(self) -> list[QueueInfo]:
         """Every queue with active runs, a pause flag or limits: runs by status, pause state and limits."""
+
+
+def rate_limit(count: int | None, period: float | None) -> RateLimit | None:
+    """A stored (count, period) pair back to a RateLimit; NULLs mean no rate limit."""
+    return None if count is None or period is None else RateLimit(int(count), float(period))
+
+
+def queue_infos(count_rows: Iterable[Sequence[Any]], queue_rows: Iterable[Sequence[Any]]) -> list[QueueInfo]:
+    """The queues overview from (queue, status, count) rows and (name, paused, max_concurrency, rate count,
+    rate period) rows: both stores run their own SQL and share this assembly."""
+    counts: dict[str, dict[str, int]] = {}
+    for queue, status, n in count_rows:
+        counts.setdefault(queue, {})[status] = int(n)
+    defs = {row[0]: row for row in queue_rows}
+    out = []
+    for name in sorted(counts.keys() | defs.keys()):
+        c, d = counts.get(name, {}), defs.get(name)
+        rate = rate_limit(d[3], d[4]) if d else None
+        out.append(
+            QueueInfo(
+                name=name,
+                paused=bool(d[1]) if d else False,
+                scheduled=c.get("scheduled", 0),
+                pending=c.get("pending", 0),
+                running=c.get("running", 0),
+                retrying=c.get("retrying", 0),
+                max_concurrency=d[2] if d else None,
+                rate_limit=None if rate is None else str(rate),
+            )
+        )
+    return out

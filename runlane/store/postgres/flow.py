@@ -26,10 +26,17 @@ from typing import Any, LiteralString, TypeVar
 import psycopg
 
 from runlane.errors import InvalidSchedule
-from runlane.limits import JobLimits, QueueLimits, RateLimit
+from runlane.limits import JobLimits, QueueLimits
 from runlane.models import QueueInfo, Run, Schedule, to_datetime
 from runlane.serialization import dumps
-from runlane.store.flow import FireRequest, ScheduleDef, SchedulesAndLimits, schedule_params
+from runlane.store.flow import (
+    FireRequest,
+    ScheduleDef,
+    SchedulesAndLimits,
+    queue_infos,
+    rate_limit,
+    schedule_params,
+)
 from runlane.store.limiter import Admission, job_key
 from runlane.store.notify import Topic
 from runlane.store.postgres.listener import CHANNELS
@@ -93,10 +100,6 @@ def schedule_from_row(row: Any) -> Schedule:
         created_at=row[15],
         updated_at=row[16],
     )
-
-
-def _rate(count: int | None, period: float | None) -> RateLimit | None:
-    return None if count is None or period is None else RateLimit(int(count), float(period))
 
 
 def _schedule_params(d: ScheduleDef, now: datetime | None, replace: bool) -> dict[str, Any]:
@@ -313,27 +316,7 @@ class PostgresFlow(SchedulesAndLimits):
             return await _fetch(conn, "queue_counts", {}), await _fetch(conn, "queues", {})
 
         count_rows, queue_rows = await self._run(body)
-        counts: dict[str, dict[str, int]] = {}
-        for queue, status, n in count_rows:
-            counts.setdefault(queue, {})[status] = int(n)
-        defs = {row[0]: row for row in queue_rows}
-        out = []
-        for name in sorted(counts.keys() | defs.keys()):
-            c, d = counts.get(name, {}), defs.get(name)
-            rate = _rate(d[3], d[4]) if d else None
-            out.append(
-                QueueInfo(
-                    name=name,
-                    paused=bool(d[1]) if d else False,
-                    scheduled=c.get("scheduled", 0),
-                    pending=c.get("pending", 0),
-                    running=c.get("running", 0),
-                    retrying=c.get("retrying", 0),
-                    max_concurrency=d[2] if d else None,
-                    rate_limit=None if rate is None else str(rate),
-                )
-            )
-        return out
+        return queue_infos(count_rows, queue_rows)
 
     # -- the limit-aware claim -------------------------------------------------------------------------------
 
@@ -363,11 +346,11 @@ class PostgresFlow(SchedulesAndLimits):
                 job_rows = await _fetch(conn, "job_limits", {})
                 paused = {r[0] for r in queue_rows if r[1]}
                 queue_limits = {
-                    r[0]: QueueLimits(r[0], r[2], _rate(r[3], r[4]))
+                    r[0]: QueueLimits(r[0], r[2], rate_limit(r[3], r[4]))
                     for r in queue_rows
                     if r[2] is not None or r[3] is not None
                 }
-                job_limits = {r[0]: JobLimits(r[0], r[1], _rate(r[2], r[3])) for r in job_rows}
+                job_limits = {r[0]: JobLimits(r[0], r[1], rate_limit(r[2], r[3])) for r in job_rows}
                 open_queues = [q for q in dict.fromkeys(queues) if q not in paused]
                 # Per queue, the jobs this claim takes: all of them in a limited queue, else the limited ones.
                 plan = {

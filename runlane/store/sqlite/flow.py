@@ -14,10 +14,17 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from runlane.errors import InvalidSchedule
-from runlane.limits import JobLimits, QueueLimits, RateLimit
+from runlane.limits import JobLimits, QueueLimits
 from runlane.models import QueueInfo, Run, Schedule, to_datetime
 from runlane.serialization import dumps, loads
-from runlane.store.flow import FireRequest, ScheduleDef, SchedulesAndLimits, schedule_params
+from runlane.store.flow import (
+    FireRequest,
+    ScheduleDef,
+    SchedulesAndLimits,
+    queue_infos,
+    rate_limit,
+    schedule_params,
+)
 from runlane.store.limiter import Admission
 from runlane.store.sqlite import writes
 from runlane.store.sqlite.connection import Tx
@@ -66,10 +73,6 @@ def schedule_from_row(row: Any) -> Schedule:
         created_at=to_datetime(row[15]),  # type: ignore[arg-type]
         updated_at=to_datetime(row[16]),  # type: ignore[arg-type]
     )
-
-
-def _rate(count: int | None, period: float | None) -> RateLimit | None:
-    return None if count is None or period is None else RateLimit(int(count), float(period))
 
 
 # -- schedules --------------------------------------------------------------------------------------------------
@@ -199,28 +202,7 @@ def register_limits(tx: Tx, now: float, jobs: Sequence[JobLimits], queues: Seque
 
 
 def queue_stats(conn: sqlite3.Connection) -> list[QueueInfo]:
-    counts: dict[str, dict[str, int]] = {}
-    for queue, status, n in conn.execute(F["queue_counts"]):
-        counts.setdefault(queue, {})[status] = n
-    defs = {row[0]: row for row in conn.execute(F["queues"])}
-    out = []
-    for name in sorted(counts.keys() | defs.keys()):
-        c = counts.get(name, {})
-        d = defs.get(name)
-        rate = _rate(d[3], d[4]) if d else None
-        out.append(
-            QueueInfo(
-                name=name,
-                paused=bool(d[1]) if d else False,
-                scheduled=c.get("scheduled", 0),
-                pending=c.get("pending", 0),
-                running=c.get("running", 0),
-                retrying=c.get("retrying", 0),
-                max_concurrency=d[2] if d else None,
-                rate_limit=None if rate is None else str(rate),
-            )
-        )
-    return out
+    return queue_infos(conn.execute(F["queue_counts"]).fetchall(), conn.execute(F["queues"]).fetchall())
 
 
 # -- the claim -----------------------------------------------------------------------------------------------------
@@ -233,9 +215,9 @@ def read_limits(conn: sqlite3.Connection) -> tuple[set[str], dict[str, QueueLimi
         if is_paused:
             paused.add(name)
         if max_conc is not None or rate_count is not None:
-            queues[name] = QueueLimits(name, max_conc, _rate(rate_count, rate_period))
+            queues[name] = QueueLimits(name, max_conc, rate_limit(rate_count, rate_period))
     jobs = {
-        job: JobLimits(job, max_conc, _rate(rc, rp))
+        job: JobLimits(job, max_conc, rate_limit(rc, rp))
         for job, max_conc, rc, rp in conn.execute(F["job_limits"])
     }
     return paused, queues, jobs
