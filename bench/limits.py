@@ -11,16 +11,14 @@ Workers are real `runlane worker` processes. Lag is measured with the store's ti
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from bench.runlane_bench import fresh_store
+from bench.runlane_bench import workers as runlane_workers
 from runlane import RunFilter, Runlane, RunStatus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,24 +50,8 @@ def fresh(url: str, app: Runlane) -> None:
 
 @contextmanager
 def workers(url: str, target: str, processes: int, concurrency: int) -> Iterator[None]:
-    env = {**os.environ, "RUNLANE_URL": url, "PYTHONPATH": str(ROOT)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "runlane", "worker", target, "--concurrency", str(concurrency)],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(processes)
-    ]
-    try:
+    with runlane_workers(url, processes, concurrency, target=target):
         yield
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=60)
 
 
 def drain(url: str, job: str, runs: int, processes: int, concurrency: int) -> float:

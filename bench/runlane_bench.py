@@ -48,11 +48,12 @@ def fresh_store(url: str, jobs_from: Runlane | None = None) -> None:
 
 
 @contextmanager
-def workers(url: str, processes: int, concurrency: int, job_queue: str = "default") -> Iterator[None]:
+def workers(url: str, processes: int, concurrency: int, target: str = "bench.apps:app") -> Iterator[None]:
+    """`runlane worker TARGET` processes for the duration of the block."""
     env = {**os.environ, "RUNLANE_URL": url, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "runlane", "worker", "bench.apps:app", "--concurrency", str(concurrency)],
+            [sys.executable, "-m", "runlane", "worker", target, "--concurrency", str(concurrency)],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
