@@ -1,0 +1,125 @@
+"""The app every chaos worker process runs (``runlane worker harness.chaos_app:app``).
+
+Its store URL and timing settings come from ``RUNLANE_*`` variables and its ledger from ``CHAOS_LEDGER``, set
+by the test that starts the process. Every job body writes its execution to the ledger before doing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from functools import cache
+
+from harness.ledger import Ledger
+from runlane import JobContext, Retry, Runlane
+
+app = Runlane()
+app.queue("limited_q", max_concurrency=10)
+
+PROBE_RETRY = Retry(attempts=10, backoff=0.2, max_delay=1.0)
+
+
+@cache
+def ledger() -> Ledger:
+    return Ledger.from_env()
+
+
+def _open(ctx: JobContext, key: str | None) -> int:
+    scheduled = ctx.scheduled_at.timestamp() if ctx.scheduled_at is not None else None
+    return ledger().start(
+        run_id=ctx.run_id,
+        attempt=ctx.attempt,
+        job=ctx.job,
+        key=key,
+        worker_id=ctx.run.worker_id,
+        scheduled_at=scheduled,
+    )
+
+
+def _sleep_honouring_cancel(ctx: JobContext, key: str, duration_ms: int) -> str:
+    execution = _open(ctx, key)
+    deadline = time.monotonic() + duration_ms / 1000
+    while (left := deadline - time.monotonic()) > 0:
+        if ctx.cancelled:
+            ledger().end(execution, "cancelled")
+            ctx.raise_if_cancelled()
+        time.sleep(min(left, 0.02))
+    ledger().end(execution, "done")
+    return key
+
+
+async def _async_sleep(ctx: JobContext, key: str, duration_ms: int) -> str:
+    execution = _open(ctx, key)
+    try:
+        await asyncio.sleep(duration_ms / 1000)
+    except asyncio.CancelledError:
+        ledger().end(execution, "cancelled")
+        raise
+    ledger().end(execution, "done")
+    return key
+
+
+@app.job(retry=PROBE_RETRY)
+def ledger_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    return _sleep_honouring_cancel(ctx, key, duration_ms)
+
+
+@app.job(retry=PROBE_RETRY)
+async def ledger_probe_async(key: str, duration_ms: int, ctx: JobContext) -> str:
+    return await _async_sleep(ctx, key, duration_ms)
+
+
+@app.job(retry=PROBE_RETRY, max_concurrency=5)
+def limited_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    return _sleep_honouring_cancel(ctx, key, duration_ms)
+
+
+@app.job(retry=PROBE_RETRY, max_concurrency=1)
+def solo_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    return _sleep_honouring_cancel(ctx, key, duration_ms)
+
+
+@app.job(retry=PROBE_RETRY, queue="limited_q")
+def queued_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    return _sleep_honouring_cancel(ctx, key, duration_ms)
+
+
+@app.job(retry=PROBE_RETRY, rate_limit="50/s")
+def rated_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    return _sleep_honouring_cancel(ctx, key, duration_ms)
+
+
+@app.job(retry=Retry(attempts=3, backoff=0.2, max_delay=1.0))
+def crash_probe(key: str, ctx: JobContext) -> None:
+    """Poison: takes its whole worker process down."""
+    _open(ctx, key)
+    os._exit(137)
+
+
+@app.job(retry=PROBE_RETRY)
+def spin_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    """CPU-bound in a worker thread: holds the GIL in bursts for the whole duration."""
+    execution = _open(ctx, key)
+    deadline = time.monotonic() + duration_ms / 1000
+    n = 0
+    while time.monotonic() < deadline:
+        n += sum(i * i for i in range(2000))
+    ledger().end(execution, "done")
+    return key
+
+
+@app.job(retry=PROBE_RETRY)
+async def block_loop_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    """Blocks the worker's event loop (a badly written async job): heartbeats must not depend on the loop."""
+    execution = _open(ctx, key)
+    time.sleep(duration_ms / 1000)  # noqa: ASYNC251 - the fault under test
+    ledger().end(execution, "done")
+    return key
+
+
+@app.job(retry=Retry(attempts=1))
+def tick(ctx: JobContext) -> None:
+    """Fired by schedules: the ledger keeps the intended fire time."""
+    execution = _open(ctx, ctx.run.schedule_id)
+    ledger().end(execution, "done")
