@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
@@ -150,6 +151,12 @@ def worker(
             await app.aclose()
 
     asyncio.run(serve())
+    if runner.stopped_at_once:
+        # A second signal means "exit now": do not let interpreter shutdown wait for job threads that are
+        # still inside a sync job (their runs come back after the lease expires).
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 @cli.command()

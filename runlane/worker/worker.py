@@ -99,6 +99,11 @@ class Worker:
     def active_run_ids(self) -> list[int]:
         return list(self._active)
 
+    @property
+    def stopped_at_once(self) -> bool:
+        """Stopped by a second signal (or ``stop(graceful=False)``): job threads may still be running."""
+        return self._hard_stop
+
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def stop(self, *, graceful: bool = True) -> None:
@@ -107,6 +112,7 @@ class Worker:
         if not graceful:
             self._hard_stop = True
             for active in self._active.values():
+                active.ctx._cancel()  # sync jobs cannot be interrupted, but cooperative ones stop now
                 if active.task is not None:
                     active.task.cancel()
         if self._kick is not None and self._loop is not None:

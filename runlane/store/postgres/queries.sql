@@ -276,7 +276,7 @@ WITH l AS (
 ), ev AS (
     INSERT INTO runlane_events (run_id, id, kind, at, data)
     SELECT id, last_event_id, 'status', {now},
-           jsonb_build_object('from', 'running', 'to', 'pending', 'attempt', attempt, 'reason', 'released')
+           jsonb_build_object('from', 'running', 'to', 'pending', 'attempt', attempt, 'reason', 'released by worker ' || %(worker)s)
     FROM upd
 ), note AS (
     SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
@@ -340,8 +340,9 @@ SELECT upd.id FROM upd CROSS JOIN note;
 -- name: cancel_runs
 -- Rows are locked in id order so that two overlapping cancels cannot deadlock each other. Continuations still
 -- waiting on their parent are not descended into: resolve_continuations decides them after this statement.
+-- Only non-terminal runs seed the cascade: cancelling a run that already ended changes nothing (as on SQLite).
 WITH RECURSIVE tree(id, origin, depth) AS (
-    SELECT id, id, 0 FROM runlane_runs WHERE id = ANY(%(ids)s::bigint[])
+    SELECT id, id, 0 FROM runlane_runs WHERE id = ANY(%(ids)s::bigint[]) AND status IN {active}
     UNION
     SELECT c.id, t.origin, t.depth + 1 FROM runlane_runs c JOIN tree t ON c.parent_run_id = t.id
     WHERE NOT (c.continue_when IS NOT NULL AND c.status = 'scheduled' AND c.due_at = 'infinity')

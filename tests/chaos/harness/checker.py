@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.clientlog import Op
-from harness.faults import INTERRUPTING, Fault
+from harness.faults import ENDING, INTERRUPTING, Fault
 from harness.ledger import Execution
 from runlane.models import Attempt, Event, Run, RunFilter
 from runlane.store import Store, create_store
@@ -196,7 +196,11 @@ def _interrupted(execution: Execution, before: float, faults: Sequence[Fault]) -
     for f in faults:
         if f.kind not in INTERRUPTING or (f.pid is not None and f.pid != execution.pid):
             continue
-        if f.t_start <= before and f.until >= execution.t_start - 0.001:
+        if f.t_start > before:
+            continue
+        if f.kind in ENDING or f.until >= execution.t_start - 0.001:
+            # After a kill or SIGTERM the process runs nothing new, so every execution on it (even one whose
+            # ledger row was written just after the signal was sent) was interrupted by it.
             return True
     return False
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 # Faults after which a re-execution of the target's runs is justified (it died, stalled or was cut off).
 INTERRUPTING = frozenset({"kill", "pause", "partition", "term", "outage", "crash"})
+# Faults that end their target process.
+ENDING = frozenset({"kill", "term", "crash"})
 
 
 @dataclass(slots=True)
