@@ -190,7 +190,7 @@ class Report:
         }
 
 
-def _interrupted(execution: Execution, before: float, faults: Sequence[Fault]) -> bool:
+def _interrupted(execution: Execution, before: float, faults: Sequence[Fault], begin: float) -> bool:
     """Was this execution's worker killed, paused, partitioned or stopped after it started and before
     ``before`` (the next execution's start)?"""
     for f in faults:
@@ -198,7 +198,7 @@ def _interrupted(execution: Execution, before: float, faults: Sequence[Fault]) -
             continue
         if f.t_start > before:
             continue
-        if f.kind in ENDING or f.until >= execution.t_start - 0.001:
+        if f.kind in ENDING or f.until >= begin - 0.001:
             # After a kill or SIGTERM the process runs nothing new, so every execution on it (even one whose
             # ledger row was written just after the signal was sent) was interrupted by it.
             return True
@@ -212,6 +212,26 @@ def _kill_time(execution: Execution, faults: Sequence[Fault]) -> float | None:
         if f.kind in {"kill", "crash"} and f.pid == execution.pid and f.t_start >= execution.t_start
     ]
     return min(times, default=None)
+
+
+def _clip_zombie(
+    e: Execution, end: float, faults: Sequence[Fault], state: StoreState, report: Report
+) -> float:
+    """A paused worker whose attempt was reclaimed meanwhile executes nothing while stopped; once resumed it is
+    a fenced zombie until it notices the lost lease. Count its execution up to the pause for limits, and
+    record the zombie tail (resume to stop) so that a test can bound it."""
+    for f in faults:
+        if f.kind != "pause" or f.pid != e.pid or not e.t_start < f.t_start < end:
+            continue
+        attempt = next((a for a in state.attempts.get(e.run_id, []) if a.number == e.attempt), None)
+        if attempt is None or attempt.error is None or attempt.error.type != WORKER_LOST:
+            continue
+        tail = max(end - f.until, 0.0)
+        if tail >= report.extra.get("zombie_tail_max_s", 0.0):
+            report.extra["zombie_tail_max_s"] = tail
+            report.extra["zombie_tail_case"] = f"{e} paused {f.t_start:.3f}-{f.until:.3f} end {end:.3f}"
+        return f.t_start
+    return end
 
 
 def check(
@@ -271,13 +291,17 @@ def check(
 
     # duplicates ---------------------------------------------------------------------------------------------------
     for run_id, execs in by_run.items():
-        execs.sort(key=lambda e: e.t_start)
+        # Claim order: a worker stopped between its claim and the body's start runs the body late, after the
+        # newer attempt began, so wall-clock order of ledger rows is not the order of attempts.
+        execs.sort(key=lambda e: (e.attempt, e.t_start))
         attempts = {a.number: a for a in state.attempts.get(run_id, [])}
         for earlier, later in itertools.pairwise(execs):
             report_key = f"run {run_id}: attempt {earlier.attempt} (pid {earlier.pid}) then {later.attempt}"
             if earlier.outcome not in {None, "done", "cancelled"}:
                 continue  # the job itself failed: a retry, not a duplicate
-            if _interrupted(earlier, later.t_start, faults):
+            claimed = attempts.get(earlier.attempt)
+            begin = min(earlier.t_start, claimed.started_at.timestamp()) if claimed else earlier.t_start
+            if _interrupted(earlier, later.t_start, faults, begin):
                 report.duplicates_justified += 1
                 continue
             lost_attempt = attempts.get(earlier.attempt)
@@ -308,6 +332,7 @@ def check(
                     end = execs[i + 1].t_start
                 if end is None:
                     end = end_time
+                end = _clip_zombie(e, end, faults, state, report)
                 for g in groups:
                     intervals[g].append((e.t_start, end, e))
         for group, spans in intervals.items():
