@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
@@ -108,7 +107,9 @@ class JobContext:
     # -- reporting ----------------------------------------------------------------------------------------------
 
     def _emit(self, kind: Any, data: Any) -> None:
-        self._buffer.add(EventDraft(self._run.id, kind, data, attempt=self._run.attempt, at=time.time()))
+        # The store's clock (the database's on PostgreSQL), like every other time recorded for the run.
+        at = self._app.store.now()
+        self._buffer.add(EventDraft(self._run.id, kind, data, attempt=self._run.attempt, at=at))
 
     def progress(self, percent: float | None, message: str | None = None) -> None:
         if percent is not None:

@@ -142,6 +142,10 @@ def worker(
         argv += ["--burst"] if burst else []
         argv += ["--url", url] if url and url_from_command_line() else []
         sys.exit(Supervisor(argv, processes, burst=burst).run())
+    # CPU-bound sync jobs hold the GIL in 5 ms slices by default; every store round trip of the heartbeat,
+    # claim and finish paths must win it back several times, so under such jobs a heartbeat took over a
+    # second (chaos T06). Shorter slices keep the worker's own threads responsive for a few % of job speed.
+    sys.setswitchinterval(0.001)
     runner = app.worker(queues=queues, concurrency=concurrency, burst=burst)
 
     async def serve() -> None:

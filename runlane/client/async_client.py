@@ -182,10 +182,10 @@ class AsyncClient:
         """Enqueue one run and return it at once (``pending``, or ``scheduled`` when ``not_before`` is later).
 
         ``connection``: a psycopg connection (sync or async) inside the caller's transaction; the run is
-        inserted in that transaction and exists iff it commits (PostgreSQL only)."""
-        store = await self._store()
-        new = await self._new_run(
-            store,
+        inserted in that transaction and exists iff it commits (PostgreSQL only). A sync connection is driven
+        on this loop, blocking it: with a ``dedup_id`` held by another open transaction, until that one ends
+        (the blocking ``Client`` drives it on the caller's thread instead)."""
+        store, new = await self.prepare_trigger(
             job,
             args,
             not_before=not_before,
@@ -201,6 +201,35 @@ class AsyncClient:
         else:
             (run,) = await store.insert_runs([new], on_conflict=on_conflict)
         return run
+
+    async def prepare_trigger(
+        self,
+        job: JobRef,
+        args: Mapping[str, Any] | None = None,
+        *,
+        not_before: When = None,
+        not_after: When = None,
+        priority: int | None = None,
+        dedup_id: str | None = None,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> tuple[Store, NewRun]:
+        """The store and the validated run that ``trigger`` would insert."""
+        store = await self._store()
+        new = await self._new_run(
+            store,
+            job,
+            args,
+            not_before=not_before,
+            not_after=not_after,
+            priority=priority,
+            dedup_id=dedup_id,
+            queue=queue,
+            max_attempts=max_attempts,
+            tags=tags,
+        )
+        return store, new
 
     async def trigger_many(
         self,
@@ -219,6 +248,38 @@ class AsyncClient:
         """Enqueue many runs of one job, one store round trip per chunk. All arguments are validated before
         anything is written; a chunk is written all-or-nothing. With ``connection`` (PostgreSQL), all of
         them go into the caller's transaction."""
+        store, news = await self.prepare_trigger_many(
+            job,
+            args_list,
+            not_before=not_before,
+            not_after=not_after,
+            priority=priority,
+            queue=queue,
+            max_attempts=max_attempts,
+            tags=tags,
+        )
+        runs: list[Run] = []
+        for start in range(0, len(news), chunk_size):
+            chunk = news[start : start + chunk_size]
+            if connection is not None:
+                runs.extend(await store.insert_runs_in_transaction(connection, chunk))
+            else:
+                runs.extend(await store.insert_runs(chunk))
+        return runs
+
+    async def prepare_trigger_many(
+        self,
+        job: JobRef,
+        args_list: Sequence[Mapping[str, Any] | None],
+        *,
+        not_before: When = None,
+        not_after: When = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> tuple[Store, list[NewRun]]:
+        """The store and the validated runs that ``trigger_many`` would insert."""
         store = await self._store()
         tag_tuple = tuple(tags or ())
         news: list[NewRun] = []
@@ -247,14 +308,7 @@ class AsyncClient:
                     data = validate_with_schema(name, info.args_schema, args)
                 key = run_concurrency_key(name, local, info, data)
                 news.append(replace(first, args=data, concurrency_key=key))
-        runs: list[Run] = []
-        for start in range(0, len(news), chunk_size):
-            chunk = news[start : start + chunk_size]
-            if connection is not None:
-                runs.extend(await store.insert_runs_in_transaction(connection, chunk))
-            else:
-                runs.extend(await store.insert_runs(chunk))
-        return runs
+        return store, news
 
     # -- waiting -----------------------------------------------------------------------------------------------
 

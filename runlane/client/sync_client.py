@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,22 @@ class Client:
         on_conflict: ConflictPolicy = "raise",
         connection: Any = None,
     ) -> Run:
+        if _blocking(connection):
+            store, new = self.portal.call(
+                self.async_client.prepare_trigger(
+                    job,
+                    args,
+                    not_before=not_before,
+                    not_after=not_after,
+                    priority=priority,
+                    dedup_id=dedup_id,
+                    queue=queue,
+                    max_attempts=max_attempts,
+                    tags=tags,
+                )
+            )
+            (run,) = store.insert_runs_in_transaction_blocking(connection, [new], on_conflict=on_conflict)
+            return run
         return self.portal.call(
             self.async_client.trigger(
                 job,
@@ -63,6 +80,17 @@ class Client:
     def trigger_many(
         self, job: JobRef, args_list: Sequence[Mapping[str, Any] | None], **options: Any
     ) -> list[Run]:
+        connection = options.get("connection")
+        if _blocking(connection):
+            chunk_size = int(options.pop("chunk_size", 5000))
+            del options["connection"]
+            store, news = self.portal.call(self.async_client.prepare_trigger_many(job, args_list, **options))
+            runs: list[Run] = []
+            for start in range(0, len(news), chunk_size):
+                runs.extend(
+                    store.insert_runs_in_transaction_blocking(connection, news[start : start + chunk_size])
+                )
+            return runs
         return self.portal.call(self.async_client.trigger_many(job, args_list, **options))
 
     def run(self, job: JobRef, args: Mapping[str, Any] | None = None, **options: Any) -> Any:
@@ -187,3 +215,11 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _blocking(connection: Any) -> bool:
+    """A caller's connection whose calls block (a psycopg ``Connection``, not an ``AsyncConnection``). Its
+    inserts run on the caller's thread: on the shared portal loop, one waiting for a dedup id held by an open
+    transaction would stall every thread's calls, including the one that would end that transaction."""
+    execute = getattr(type(connection), "execute", None) if connection is not None else None
+    return execute is not None and not inspect.iscoroutinefunction(execute)

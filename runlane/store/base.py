@@ -251,6 +251,17 @@ class Store(SchedulesAndLimits):
 
         raise InvalidConnection(f"transactional enqueue needs a PostgreSQL store, not {self.display_url}")
 
+    def insert_runs_in_transaction_blocking(
+        self, conn: Any, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
+    ) -> list[Run]:
+        """``insert_runs_in_transaction`` with a blocking connection, on the calling thread. The blocking
+        client uses it so that an insert waiting for another transaction (a dedup id it holds) blocks only
+        its caller, never the client's shared loop (whose next call may be the one that ends that other
+        transaction)."""
+        from runlane.errors import InvalidConnection
+
+        raise InvalidConnection(f"transactional enqueue needs a PostgreSQL store, not {self.display_url}")
+
     @abc.abstractmethod
     async def get_run(self, run_id: int) -> Run | None: ...
 

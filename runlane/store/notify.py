@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Literal
 
 Topic = Literal["work", "change", "cancel"]
@@ -23,6 +24,7 @@ class Notifier:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._generation: dict[Topic, int] = dict.fromkeys(TOPICS, 0)
+        self._last: dict[Topic, float] = dict.fromkeys(TOPICS, float("-inf"))
         self._waiters: dict[Topic, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {
             t: set() for t in TOPICS
         }
@@ -30,11 +32,17 @@ class Notifier:
     def generation(self, topic: Topic) -> int:
         return self._generation[topic]
 
+    def last_signalled(self, topic: Topic) -> float:
+        """When ``topic`` was last signalled (``time.monotonic()``), or -inf."""
+        return self._last[topic]
+
     def notify(self, *topics: Topic) -> None:
         woken: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        now = time.monotonic()
         with self._lock:
             for topic in topics:
                 self._generation[topic] += 1
+                self._last[topic] = now
                 woken.extend(self._waiters[topic])
                 self._waiters[topic].clear()
         for loop, event in woken:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -13,14 +14,14 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from runlane.context import EventBuffer, JobContext
 from runlane.errors import RunlaneError, StoreUnavailable
-from runlane.models import Run
+from runlane.models import Run, RunFilter, RunStatus
 from runlane.scheduler.schedules import Scheduler, sync_app
 from runlane.store import Finish, Lease, Store
 from runlane.worker.batcher import Batcher
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from runlane.app import Runlane
 
 log = logging.getLogger("runlane.worker")
+T = TypeVar("T")
 
 _PRUNE_EVERY = 300.0
 
@@ -44,6 +46,7 @@ class ActiveAttempt:
     buffer: EventBuffer
     task: asyncio.Task[None] | None = None
     body: asyncio.Future[Any] | None = None
+    leased_at: float = 0.0  # monotonic time the claim that granted the lease was sent
     lost: bool = False  # the store no longer gives this attempt the run: write nothing more
     released: bool = False  # handed back at shutdown
 
@@ -70,6 +73,11 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.processed = 0
         self._active: dict[int, ActiveAttempt] = {}
+        self._finishing: dict[int, ActiveAttempt] = {}  # slot freed, end being written: can still be lost
+        self._late: set[asyncio.Task[Any]] = set()  # releases of runs whose claim reply came too late
+        self._claim_lock = asyncio.Lock()  # one claim of this worker in flight at a time: see _claim
+        self._orphans_suspected = False  # a claim failed: it may have committed and lost only its reply
+        self._unrecorded: set[int] = set()  # runs executed here whose end could not be written
         self._reserved = 0  # slots promised to a claim in flight (the claim loop's or the finisher's)
         self._found_empty: int | None = (
             None  # the `work` generation at which a finisher's claim found nothing
@@ -196,9 +204,10 @@ class Worker:
                 await self._claim_loop(store)
                 await self._drain(store)
         finally:
-            for task in side_tasks:
+            late = list(self._late)  # best-effort hand-backs: the reaper requeues what they leave
+            for task in side_tasks + late:
                 task.cancel()
-            await asyncio.gather(*side_tasks, return_exceptions=True)
+            await asyncio.gather(*side_tasks, *late, return_exceptions=True)
             self._heartbeat.stop()
             self._pool.shutdown(wait=False, cancel_futures=True)
             try:
@@ -261,9 +270,15 @@ class Worker:
                 generation = notifier.generation("work")
                 self._reserved += free
                 try:
-                    runs = await store.claim(
-                        self.id, queues=queues, jobs=jobs, limit=free, lease_timeout=lease_timeout
+                    claim = functools.partial(
+                        store.claim,
+                        self.id,
+                        queues=queues,
+                        jobs=jobs,
+                        limit=free,
+                        lease_timeout=lease_timeout,
                     )
+                    runs, sent = await self._claim(store, claim)
                 except StoreUnavailable as exc:
                     log.warning("worker %s: claim failed, retrying in %.1f s: %s", self.id, poll, exc)
                     await notifier.wait("work", generation, poll, event=self._kick)
@@ -271,7 +286,7 @@ class Worker:
                 finally:
                     self._reserved -= free
                 for run in runs:
-                    self._start(run)
+                    self._start(run, sent)
             if len(runs) == free:
                 await asyncio.sleep(0)  # let the attempts start before claiming more
                 continue
@@ -312,13 +327,16 @@ class Worker:
         generation = store.notifier.generation("work")
         self._found_empty = None
         try:
-            done, runs = await store.finish_and_claim(
-                batch,
-                worker_id=self.id,
-                queues=self.queues,
-                jobs=self.job_names,
-                limit=limit,
-                lease_timeout=self.settings.lease_timeout,
+            (done, runs), sent = await self._claim(
+                store,
+                lambda: store.finish_and_claim(
+                    batch,
+                    worker_id=self.id,
+                    queues=self.queues,
+                    jobs=self.job_names,
+                    limit=limit,
+                    lease_timeout=self.settings.lease_timeout,
+                ),
             )
         finally:
             self._reserved -= limit
@@ -326,8 +344,39 @@ class Worker:
         if len(runs) < limit:
             self._found_empty = generation
         for run in runs:
-            self._start(run)
+            self._start(run, sent)
         return done
+
+    async def _claim(self, store: Store, claim: Callable[[], Awaitable[T]]) -> tuple[T, float]:
+        """Send one claim, alone, and say when it was sent (its leases run from then)."""
+        async with self._claim_lock:
+            if self._orphans_suspected:
+                await self._release_orphans(store)
+            sent = time.monotonic()
+            try:
+                return await claim(), sent
+            except StoreUnavailable:
+                self._orphans_suspected = True
+                raise
+
+    async def _release_orphans(self, store: Store) -> None:
+        """A claim that failed may have committed and lost only its reply (a connection reset): its runs are
+        leased to this worker, which never heard of them. With no claim of ours in flight (``_claim_lock``),
+        every running run leased to us that we do not run is such an orphan: hand it back at once, without
+        using an attempt, rather than leave it to the reaper after the lease."""
+        known = set(self._active) | set(self._finishing) | self._unrecorded
+        orphans: list[Lease] = []
+        before: int | None = None
+        while True:
+            page = await store.list_runs(RunFilter(status=RunStatus.RUNNING), limit=500, before_id=before)
+            orphans += [Lease(r.id, r.attempt) for r in page if r.worker_id == self.id and r.id not in known]
+            if len(page) < 500:
+                break
+            before = page[-1].id
+        if orphans:
+            released = await store.release_runs(orphans, worker_id=self.id)
+            log.warning("worker %s: handed back %d runs claimed by a lost reply", self.id, len(released))
+        self._orphans_suspected = False
 
     async def _held_by_limits(self, store: Store) -> bool:
         """Burst mode: are runs of this worker's unpaused queues pending while limits hold them back?"""
@@ -340,16 +389,39 @@ class Worker:
         stats = await store.queue_stats()
         return any(q.pending and not q.paused for q in stats if q.name in self.queues)
 
-    def _start(self, run: Run) -> None:
+    def _start(self, run: Run, leased_at: float) -> None:
+        """Start an attempt whose claim was sent at ``leased_at`` (monotonic): its lease runs from then."""
         assert self._heartbeat is not None and self._flush_kick is not None and self._loop is not None
+        settings = self.settings
+        late = time.monotonic() - leased_at
+        if late >= settings.lease_timeout - settings.effective_heartbeat_interval:
+            # The reply was held up (a partition) for about a lease: the run may have been reclaimed and be
+            # running elsewhere already, so starting it could execute it twice. Hand it back instead (fenced:
+            # a no-op if it was reclaimed); if that fails too, the reaper requeues it.
+            log.warning("run %s: claimed %.1f s ago, too close to its lease to start it", run.id, late)
+            task = asyncio.create_task(self._release_late(run), name=f"runlane-late-{run.id}")
+            self._late.add(task)
+            task.add_done_callback(self._late.discard)
+            return
         job = self.app.jobs[run.job]
         buffer = EventBuffer(on_output=self._output_pending)
         active = ActiveAttempt(
-            run, Lease(run.id, run.attempt), JobContext(self.app, run, buffer=buffer), buffer
+            run,
+            Lease(run.id, run.attempt),
+            JobContext(self.app, run, buffer=buffer),
+            buffer,
+            leased_at=leased_at,
         )
         self._active[run.id] = active
-        self._heartbeat.add(active.lease)
+        self._heartbeat.add(active.lease, renewed_at=leased_at)
         active.task = asyncio.create_task(self._execute(active, job), name=f"runlane-run-{run.id}")
+
+    async def _release_late(self, run: Run) -> None:
+        assert self._store is not None
+        try:
+            await self._store.release_runs([Lease(run.id, run.attempt)], worker_id=self.id)
+        except StoreUnavailable as exc:
+            log.warning("run %s: could not hand back a late claim (the reaper will): %s", run.id, exc)
 
     def _output_pending(self) -> None:
         """Called from any thread when a job emits an output: stream consumers should not wait a flush tick."""
@@ -359,6 +431,8 @@ class Worker:
     async def _execute(self, active: ActiveAttempt, job: Any) -> None:
         assert self._finisher is not None and self._flush_lock is not None and self._pool is not None
         try:
+            if not await self._still_leased(active):
+                return
             outcome = await execute_attempt(job, active, self._pool)
             if outcome is None or active.lost or active.released:
                 return
@@ -367,27 +441,34 @@ class Worker:
             finish = dataclasses.replace(outcome, events=events) if events else outcome
             # Free the slot before the end is written, so that the next claim rides in the same store
             # round trip as this finish; the store fences the finish, so a late one can do no harm.
+            self._finishing[active.run.id] = active
             self._free_slot(active)
-            if await self._record_finish(finish) is False:
+            recorded = await self._record_finish(finish, active)
+            if recorded is False:
                 log.info(
                     "run %s attempt %s: result not recorded (cancelled or reclaimed meanwhile)",
                     active.run.id,
                     active.run.attempt,
                 )
+            elif recorded is None:
+                self._unrecorded.add(active.run.id)  # ran, so not an orphan to hand back: the reaper's
             self.processed += 1
         finally:
+            self._finishing.pop(active.run.id, None)
             self._free_slot(active)
             if self._heartbeat is not None:  # renewed until the end is written, even through an outage
                 self._heartbeat.remove(active.run.id)
 
-    async def _record_finish(self, finish: Finish) -> bool | None:
+    async def _record_finish(self, finish: Finish, active: ActiveAttempt) -> bool | None:
         """Write an attempt's end, retrying through a store outage for up to one lease period (the write is
-        fenced, so repeating it is safe). None if it could not be written: the lease then expires and the
-        run is retried elsewhere — at-least-once, never lost."""
+        fenced, so repeating it is safe) or until the heartbeat gives the lease up. None if it could not be
+        written: the lease then expires and the run is retried elsewhere — at-least-once, never lost."""
         assert self._finisher is not None
         deadline = time.monotonic() + self.settings.lease_timeout
         delay = 0.05
         while True:
+            if active.lost:
+                return False
             try:
                 return await self._finisher.submit(finish)
             except StoreUnavailable as exc:
@@ -403,6 +484,24 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def _still_leased(self, active: ActiveAttempt) -> bool:
+        """Bodies normally start within milliseconds of their claim. One that did not (the process was
+        stopped or starved in between), or whose claim crossed a cancellation, asks the store first: its run
+        may already be running elsewhere or be cancelled. Neither is the common case, so the hot path makes
+        no extra round trip."""
+        assert self._store is not None
+        prompt = time.monotonic() - active.leased_at < self.settings.effective_heartbeat_interval
+        if prompt and self._store.notifier.last_signalled("cancel") < active.leased_at:
+            return True
+        try:
+            held = await self._store.held_leases(self.id, [active.lease])
+        except StoreUnavailable:
+            return not active.lost  # the heartbeat's self-fence decides once the store is back
+        if active.run.id not in held:
+            self._lose({active.run.id})
+            return False
+        return not active.lost
+
     def _free_slot(self, active: ActiveAttempt) -> None:
         if self._active.pop(active.run.id, None) is not None and self._kick is not None:
             self._kick.set()
@@ -416,6 +515,11 @@ class Worker:
     def _lose(self, run_ids: set[int]) -> None:
         """The store says these attempts no longer own their runs (cancelled, reclaimed): stop them."""
         for run_id in run_ids:
+            finishing = self._finishing.get(run_id)
+            if finishing is not None:
+                # Its body is done; it may be its own end that was just written. Either way: stop retrying.
+                finishing.lost = True
+                continue
             active = self._active.get(run_id)
             if active is None or active.lost:
                 continue

@@ -1,22 +1,22 @@
 """PostgreSQL-only properties of the store's SQL: the claim plan, claim integrity under contention, dedup races
-with rolled-back holders, bulk inserts, concurrent migrators."""
+with rolled-back holders, bulk inserts, concurrent migrators, idle claims that leave the limit locks alone."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
 
 import psycopg
 import pytest
+from claim_plan import assert_claim_plan
 
 from runlane.errors import RunConflict
+from runlane.limits import JobLimits
 from runlane.models import ACTIVE_STATUSES
 from runlane.store import Finish, NewRun
 from runlane.store.postgres import PostgresStore
-from runlane.store.postgres.queries import Q
+from runlane.store.postgres.flow import lock_key
 
 pytestmark = pytest.mark.postgres
 
@@ -32,16 +32,6 @@ async def pg(pg_url: str) -> AsyncIterator[PostgresStore]:
         await store.close()
 
 
-def _plan_nodes(plan: Any) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    stack = [plan]
-    while stack:
-        node = stack.pop()
-        out.append(node)
-        stack.extend(node.get("Plans", []))
-    return out
-
-
 @pytest.mark.parametrize("queues", [["q0"], ["q0", "q1"]])
 @pytest.mark.parametrize("plan_mode", ["force_custom_plan", "force_generic_plan"])
 async def test_claim_plan_scans_the_partial_index_in_order_and_materialises_candidates(
@@ -52,29 +42,7 @@ async def test_claim_plan_scans_the_partial_index_in_order_and_materialises_cand
         conn.execute("UPDATE runlane_runs SET status = 'succeeded' WHERE id % 4 <> 0")
         conn.execute("ANALYZE runlane_runs")
         conn.execute(f"SET plan_cache_mode = {plan_mode}")
-        params = {
-            "now": None,
-            "queues": queues,
-            "jobs": ["a"],
-            "limit": 10,
-            "worker": "w",
-            "lease_timeout": 30.0,
-            "token": "t",
-            "channels": [],
-        }
-        row = conn.execute("EXPLAIN (FORMAT JSON) " + Q["claim"], params).fetchone()
-    assert row is not None
-    plan = row[0] if not isinstance(row[0], str) else json.loads(row[0])
-    nodes = _plan_nodes(plan[0]["Plan"])
-    candidates = [n for n in nodes if n.get("Subplan Name") == "CTE candidates"]
-    assert candidates, "candidates must be a materialised CTE"
-    under = _plan_nodes(candidates[0])
-    scans = [n for n in under if n.get("Index Name") == "runlane_runs_claim"]
-    assert scans and all(n["Node Type"] == "Index Scan" for n in scans), [n["Node Type"] for n in under]
-    # The locking happens under a LIMIT fed straight by the ordered index scan: no sort of the whole queue.
-    lock_rows = [n for n in under if n["Node Type"] == "LockRows"]
-    assert lock_rows
-    assert all(n["Node Type"] != "Sort" for n in _plan_nodes(lock_rows[0]))
+        assert_claim_plan(conn, queues, ["a"])
 
 
 async def test_concurrent_claimers_claim_each_run_exactly_once(pg_url: str) -> None:
@@ -185,3 +153,33 @@ async def test_concurrent_migrators_apply_each_migration_once(pg_url: str) -> No
             await s.close()
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_idle_limit_aware_claims_take_no_limit_locks(pg: PostgresStore, pg_url: str) -> None:
+    """Regression (chaos T15): with nothing limited due, a claim must not queue for the limit locks. Idle
+    workers polling at 0.1 s serialised on them on every poll, and a worker woken for new work waited its
+    turn: wake-up p99 went from tens to hundreds of milliseconds."""
+    await pg.register_limits([JobLimits("limited", max_concurrency=1)], [])
+    await pg.insert_runs([NewRun("plain", {})])
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (lock_key("job", "limited"),))  # a slow limited claimer
+        runs = await asyncio.wait_for(
+            pg.claim("w", queues=["default"], jobs=["plain", "limited"], limit=5, lease_timeout=30),
+            timeout=10,
+        )
+        assert [r.job for r in runs] == ["plain"]
+        assert (
+            await asyncio.wait_for(
+                pg.claim("w", queues=["default"], jobs=["plain", "limited"], limit=5, lease_timeout=30),
+                timeout=10,
+            )
+            == []
+        )
+        (limited,) = await pg.insert_runs([NewRun("limited", {})])
+        blocked = asyncio.ensure_future(
+            pg.claim("w2", queues=["default"], jobs=["limited"], limit=5, lease_timeout=30)
+        )
+        await asyncio.sleep(0.2)  # not a timing assertion: a due limited run does need the lock
+        assert not blocked.done()
+        holder.execute("SELECT pg_advisory_unlock_all()")
+    assert [r.id for r in await asyncio.wait_for(blocked, timeout=30)] == [limited.id]

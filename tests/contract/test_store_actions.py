@@ -63,6 +63,22 @@ async def test_cancel_of_terminal_or_missing_runs_does_nothing(store: Store) -> 
     assert await status_changes(store, run.id) == [("pending", "cancelled")]
 
 
+async def test_cancel_of_a_terminal_run_leaves_its_active_descendants_alone(store: Store) -> None:
+    """Regression (T17 state machine): PostgreSQL seeded the cascade with terminal runs too, so cancelling a
+    run that had already ended returned no id but cancelled its still-active children and continuations."""
+    parent = await insert(store, "parent")
+    child = await insert(store, "kid", parent_run_id=parent.id)
+    assert await store.cancel_runs([child.id]) == [child.id]
+    assert await store.retry_run(child.id)
+    (after,) = await store.insert_runs([new("next", parent_run_id=parent.id, continue_when="finished")])
+    assert sorted(await store.cancel_runs([parent.id])) == sorted([parent.id, child.id])
+    assert (await get(store, after.id)).status is RunStatus.PENDING  # decided by the continuation rule
+    assert await store.retry_run(child.id)
+    assert await store.cancel_runs([parent.id]) == []
+    assert (await get(store, child.id)).status is RunStatus.PENDING
+    assert (await get(store, after.id)).status is RunStatus.PENDING
+
+
 async def test_cancel_with_a_reason(store: Store) -> None:
     run = await insert(store)
     await store.cancel_runs([run.id], reason="no longer needed")

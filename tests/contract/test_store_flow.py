@@ -126,7 +126,7 @@ async def test_overlap_queue_holds_fires_until_the_previous_run_ends(
     clock.advance(2)
     first, second = await store.fire_schedule(fire("s", T0 + 1, T0 + 1, T0 + 2))
     assert (first.status, second.status) == (RunStatus.PENDING, RunStatus.SCHEDULED)
-    (running,) = await claim(store)
+    (running,) = await claim(store, lease_timeout=1000)  # still held when it finishes, 100 s later
     assert await store.release_queued_fires() == 0  # the first is still running
     clock.advance(100)
     assert await claim(store) == []  # a held fire is not promoted by time

@@ -214,6 +214,27 @@ async def test_a_stale_attempt_cannot_finish_or_append(clocked_store: Store, clo
     assert await finish(store, fresh, worker="w2")
 
 
+async def test_an_expired_lease_fences_before_the_reaper_comes(
+    clocked_store: Store, clock: FakeClock
+) -> None:
+    """Regression (T08 store_outage_longer_than_lease): statements a worker sent before it lost the store
+    reached the server after the heal, renewed leases that had expired but were not reaped yet, and
+    committed results of attempts that their worker had already given up."""
+    store = clocked_store
+    await insert(store)
+    stale = await claim_one(store, "w1", lease_timeout=10)
+    clock.advance(10.5)  # expired; no reaper has run
+    assert store.heartbeat_blocking("w1", [lease(stale)], 10) == set()
+    assert await store.held_leases("w1", [lease(stale)]) == set()
+    refused = await store.append_events([EventDraft(stale.id, "log", "late", attempt=1)], worker_id="w1")
+    assert refused == {stale.id}
+    assert await finish(store, stale, worker="w1") is False
+    assert (await get(store, stale.id)).status is RunStatus.RUNNING
+    assert await store.reap_expired_leases() == [stale.id]
+    fresh = await claim_one(store, "w2")
+    assert fresh.attempt == 2 and await finish(store, fresh, worker="w2")
+
+
 # -- heartbeat, held leases, release ----------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import psycopg
+import pytest
 
 from runlane import Runlane, RunStatus
 
@@ -53,3 +54,70 @@ async def test_worker_survives_losing_every_connection_mid_run(pg_url: str) -> N
     finally:
         await client.aclose()
         await app.aclose()
+
+
+async def test_stalled_limited_claimer_does_not_stall_other_workers(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (found by chaos T19): a worker SIGSTOPped inside a limited claim held the limit's advisory
+    lock until it resumed, so every other worker's limited claims waited for it (90 s stalls under chaos).
+    The server now ends a claim transaction left idle, releasing the lock."""
+    import threading
+    import time
+
+    from runlane.errors import StoreUnavailable
+    from runlane.scheduler.schedules import sync_app
+    from runlane.store.postgres import flow
+
+    app = Runlane(pg_url)
+
+    @app.job(max_concurrency=2)
+    def limited() -> None: ...
+
+    await app.migrate()
+    await sync_app(app, await app.open_store(), "test")
+    client = app.async_client
+    original = flow._fetch
+    stalled = threading.Event()
+    outcome: list[object] = []
+
+    async def fetch(conn: flow.AConn, name: str, params: dict[str, object]) -> list[tuple[object, ...]]:
+        if name == "running_counts" and threading.current_thread().name == "stalled-claimer":
+            stalled.set()  # stopped here, inside its transaction, holding the limit's lock
+            time.sleep(3.0)  # noqa: ASYNC251 - a stopped process: no round trip happens meanwhile
+        return await original(conn, name, params)
+
+    def stalled_claimer() -> None:
+        try:
+            outcome.append(asyncio.run(_claim_once(pg_url, "stalled")))
+        except StoreUnavailable as exc:
+            outcome.append(exc)  # its session was ended by the server: nothing claimed, nothing held
+
+    monkeypatch.setattr(flow, "_fetch", fetch)
+    try:
+        await client.trigger(limited)
+        await client.trigger(limited)
+        thread = threading.Thread(target=stalled_claimer, name="stalled-claimer")
+        thread.start()
+        assert await asyncio.to_thread(stalled.wait, 10)
+        begun = time.monotonic()
+        got = await _claim_once(pg_url, "other")
+        waited = time.monotonic() - begun
+        await asyncio.to_thread(thread.join, 10)
+        assert len(got) == 1
+        assert waited < 2.0, f"the other claimer waited {waited:.1f} s for a stalled one"
+        assert outcome and isinstance(outcome[0], StoreUnavailable), outcome
+    finally:
+        await client.aclose()
+        await app.aclose()
+
+
+async def _claim_once(url: str, worker: str) -> list[object]:
+    from runlane.store import create_store
+
+    store = create_store(url)
+    await store.open()
+    try:
+        return list(await store.claim_limited(worker, ["default"], ["limited"], 1, lease_timeout=2.0))
+    finally:
+        await store.close()

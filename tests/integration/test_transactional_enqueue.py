@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from runlane import InvalidConnection, Runlane, RunStatus, StoreUnavailable
+from runlane import InvalidConnection, RunConflict, Runlane, RunStatus, StoreUnavailable
 from runlane.testing import drain
 
 
@@ -66,6 +69,55 @@ def test_sync_client_with_a_sync_connection(pg_app: Runlane, pg_url: str) -> Non
                 gone = client.trigger("record", {"n": 6}, connection=conn)
                 raise psycopg.Rollback()  # leaves the transaction block, rolled back
         assert client.get_run(gone.id) is None
+    finally:
+        client.close()
+
+
+def test_sync_transactional_trigger_waiting_for_a_dedup_id_blocks_only_its_caller(
+    pg_app: Runlane, pg_url: str
+) -> None:
+    """Regression (T14): the blocking client drove a caller's sync connection on its shared loop, so a
+    transactional trigger waiting for a dedup id held by another open transaction stalled every thread's
+    calls, the holder's next one included: the holder never committed and both waited for ever."""
+    client = pg_app.client
+    outcome: dict[str, Any] = {}
+
+    def second_trigger(conn: psycopg.Connection[Any]) -> None:
+        try:
+            with conn.transaction():
+                client.trigger("record", {"n": 2}, dedup_id="once", connection=conn)
+        except RunConflict as exc:
+            outcome["conflict with"] = exc.existing_run_id
+
+    def holders_next_call(run_id: int) -> None:
+        outcome["holder read"] = client.get_run(run_id)
+
+    try:
+        with (
+            psycopg.connect(pg_url) as holder,
+            psycopg.connect(pg_url) as other,
+            psycopg.connect(pg_url, autocommit=True) as observer,
+        ):
+            with holder.transaction():
+                run = client.trigger("record", {"n": 1}, dedup_id="once", connection=holder)
+                waiter = threading.Thread(target=second_trigger, args=(other,), daemon=True)
+                waiter.start()
+                deadline = time.monotonic() + 10
+                while not observer.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+                    (other.info.backend_pid,),
+                ).fetchone():
+                    assert time.monotonic() < deadline, "the second trigger never waited for the first"
+                    time.sleep(0.01)
+                reader = threading.Thread(target=holders_next_call, args=(run.id,), daemon=True)
+                reader.start()
+                reader.join(10)
+                assert not reader.is_alive(), (
+                    "the holder's next client call is stuck behind the waiting trigger"
+                )
+            waiter.join(10)
+            assert not waiter.is_alive()
+        assert outcome == {"holder read": None, "conflict with": run.id}
     finally:
         client.close()
 

@@ -51,6 +51,10 @@ SCHEDULE_COLUMNS = (
     "disabled_reason, next_fire_at, last_fire_at, created_at, updated_at"
 )
 MAX_ROUNDS = 16
+FIRE_IDLE_TIMEOUT = "2s"
+"""How long a fire transaction may sit idle before the server ends it (and its schedule row lock): a
+scheduler stopped mid-fire (SIGSTOP, a partition, a blocked event loop) would otherwise hold that schedule
+back for every other scheduler, past the misfire grace. A live pass is idle for milliseconds."""
 LIMITS_TTL = 1.0
 """Seconds a store trusts its cached view of which queues and jobs are limited, to decide whether to run
 the limit-aware claim at all (the plain claim excludes limited work in SQL whatever the cache says)."""
@@ -114,8 +118,9 @@ async def _fetch(conn: AConn, name: str, params: dict[str, Any]) -> list[tuple[A
 class PostgresFlow(SchedulesAndLimits):
     """The flow-control verbs of PostgresStore (mixed in; relies on its _run/_now/_token/notifier)."""
 
-    _run: Callable[[Callable[[AConn], Awaitable[Any]]], Awaitable[Any]]
+    _run: Callable[..., Awaitable[Any]]  # (body, *, retry_disconnect=True)
     _now: Callable[[], datetime | None]
+    now: Callable[[], float]
     _token: str
     notifier: Any
     _limits_seen: tuple[float, set[str], set[str]] | None = None  # (read at, limited queues, limited jobs)
@@ -190,14 +195,15 @@ class PostgresFlow(SchedulesAndLimits):
 
     async def fire_schedule(self, request: FireRequest) -> list[Run]:
         now = self._now()
-        now_ts = now.timestamp() if now is not None else time.time()
+        now_ts = self.now()  # the database's clock: a fire still ahead of it waits as 'scheduled'
 
         async def body(conn: AConn) -> list[Run]:
             created: list[Run] = []
             async with conn.transaction():
+                await conn.execute(F["fire_guard"], {"idle_timeout": FIRE_IDLE_TIMEOUT})
                 state = await _fetch(conn, "fire_state", {"id": request.schedule_id})
                 if not state:
-                    return []
+                    return []  # paused, removed, or being fired by another scheduler right now
                 job, args, queue, priority, max_attempts, overlap, next_at, key, active = state[0]
                 if next_at is None or abs(next_at.timestamp() - request.expected_next_fire_at) > 1e-6:
                     return []  # another scheduler advanced it first
@@ -339,6 +345,20 @@ class PostgresFlow(SchedulesAndLimits):
         if limit <= 0 or not await self._limits_relevant(queues, jobs):
             return []
         now = self._now()
+        # Nothing limited due: no transaction, no limit locks. Idle workers polling would otherwise queue for
+        # those locks on every poll, and a worker woken for new work would wait its turn (chaos test T15).
+        # One statement over the cached view of what is limited (as stale as the check just above).
+        assert self._limits_seen is not None
+        _, limited_queues, limited_jobs = self._limits_seen
+        due_params = {
+            "queues": list(queues),
+            "jobs": list(jobs),
+            "limited_queues": sorted(limited_queues),
+            "limited_jobs": sorted(limited_jobs),
+            "now": now,
+        }
+        if not (await self._run(lambda conn: _fetch(conn, "limited_due", due_params)))[0][0]:
+            return []
 
         async def body(conn: AConn) -> list[tuple[Any, ...]]:
             async with conn.transaction():
@@ -365,6 +385,8 @@ class PostgresFlow(SchedulesAndLimits):
                 keys = sorted(
                     {lock_key("job", j) for j in lock_jobs} | {lock_key("queue", q) for q in lock_queues}
                 )
+                idle_ms = int(1000 * min(2.0, max(lease_timeout / 4, 0.2)))
+                await conn.execute(F["bound_idle"], {"ms": str(idle_ms)})
                 await conn.execute(F["lock_limits"], {"keys": keys})
                 adm = Admission(job_limits, queue_limits)
                 adm.count_running(
@@ -433,7 +455,7 @@ class PostgresFlow(SchedulesAndLimits):
                     await conn.execute(F["rate_starts"], {"keys": adm.starts, "now": now})
                 return claimed
 
-        rows: list[tuple[Any, ...]] = await self._run(body)
+        rows: list[tuple[Any, ...]] = await self._run(body, retry_disconnect=False)  # a claim: see _run
         if rows:
             self.notifier.notify("change")
         return [run_from_row(r) for r in rows]

@@ -56,14 +56,20 @@ RETURNING {schedule_columns};
 -- name: remove_schedule
 DELETE FROM runlane_schedules WHERE id = %(id)s RETURNING id;
 
+-- name: fire_guard
+-- A fire transaction left idle (its scheduler stopped, partitioned or blocked) is ended by the server, so
+-- that the schedule it locks is fired by the others within the misfire grace.
+SELECT set_config('idle_in_transaction_session_timeout', %(idle_timeout)s, true);
+
 -- name: fire_state
--- The schedule row lock serialises the passes of every scheduler over this schedule.
+-- The schedule row lock serialises the passes of every scheduler over this schedule. A row locked by
+-- another pass is skipped, not waited for: that pass fires it, and this one goes on with the others.
 SELECT job, args, queue, priority, max_attempts, overlap, next_fire_at, concurrency_key,
        EXISTS (SELECT 1 FROM runlane_runs r WHERE r.schedule_id = s.id AND r.schedule_id IS NOT NULL
                AND r.status IN ('scheduled', 'pending', 'running', 'retrying'))
 FROM runlane_schedules s
 WHERE id = %(id)s AND enabled AND disabled_reason IS NULL
-FOR UPDATE;
+FOR UPDATE SKIP LOCKED;
 
 -- name: insert_fire
 -- The unique index runlane_runs_fire is the arbiter: a second run for the same fire is never inserted.
@@ -153,6 +159,25 @@ SELECT up.name FROM up CROSS JOIN note;
 SELECT queue, status, count(*) FROM runlane_runs
 WHERE status IN ('scheduled', 'pending', 'running', 'retrying')
 GROUP BY queue, status;
+
+-- name: bound_idle
+-- A claimer stopped mid-transaction (SIGSTOP, a partition, a stalled VM) would hold the limit locks below
+-- and stall every limited claim on every worker; the server ends such a session after this idle time.
+SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true);
+
+-- name: limited_due
+-- Whether the limit-aware claim may find anything: a due run of a limited queue or a limited job among the
+-- claimer's queues and jobs (paused queues included: an over-approximation is safe, it only costs a claim).
+SELECT EXISTS (
+    SELECT 1 FROM unnest(%(queues)s::text[]) AS q(queue)
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM runlane_runs
+        WHERE status = 'pending' AND queue = q.queue AND job = ANY(%(jobs)s::text[])
+          AND (q.queue = ANY(%(limited_queues)s::text[]) OR job = ANY(%(limited_jobs)s::text[]))
+          AND due_at <= {now} AND (not_after IS NULL OR not_after > {now})
+        LIMIT 1
+    ) AS r
+);
 
 -- name: lock_limits
 -- Transaction-scoped advisory locks, one per limited job and queue, taken in ascending key order (no

@@ -107,7 +107,8 @@ WITH g AS (
     FROM g
     WHERE r.id = g.run_id
       AND CASE WHEN g.attempt IS NULL THEN r.status IN {active}
-               ELSE r.status = 'running' AND r.attempt = g.attempt AND r.lease_owner = %(worker)s END
+               ELSE r.status = 'running' AND r.attempt = g.attempt AND r.lease_owner = %(worker)s
+                    AND r.lease_expires_at > {now} END
     RETURNING r.id, r.last_event_id - g.n AS base
 ), ins AS (
     INSERT INTO runlane_events (run_id, id, kind, at, data)
@@ -200,6 +201,7 @@ WITH l AS (
     FROM l
     WHERE r.id = l.run_id AND r.attempt = l.attempt AND coalesce(r.status, '') = 'running'
       AND r.lease_owner = %(worker)s  -- by primary key, see finish_attempts
+      AND r.lease_expires_at > {now}  -- an expired lease is not renewed, even before the reaper comes
     RETURNING r.id
 ), seen AS (
     UPDATE runlane_workers SET last_seen_at = {now} WHERE id = %(worker)s
@@ -210,7 +212,8 @@ SELECT id FROM upd;
 SELECT r.id FROM runlane_runs r
 JOIN unnest(%(run)s::bigint[], %(attempt)s::int[]) AS l(run_id, attempt)
   ON r.id = l.run_id AND r.attempt = l.attempt
-WHERE coalesce(r.status, '') = 'running' AND r.lease_owner = %(worker)s;  -- by primary key, see finish_attempts
+WHERE coalesce(r.status, '') = 'running' AND r.lease_owner = %(worker)s  -- by primary key, see finish_attempts
+  AND r.lease_expires_at > {now};
 
 -- name: finish_attempts
 WITH f AS (
@@ -233,8 +236,10 @@ WITH f AS (
     -- The fence is checked on the row found by primary key: written as a plain "status = 'running'" it
     -- lets the planner scan the partial lease index instead, which holds every run that was running since
     -- the last vacuum (dead entries included) and costs O(runs finished) during a drain.
+    -- An expired lease fences too, reaped or not: its owner has stopped the attempt (heartbeat.py) and a
+    -- statement it sent before losing the store may reach the server only now (T08).
     WHERE r.id = f.run_id AND coalesce(r.status, '') = 'running' AND r.attempt = f.attempt
-      AND r.lease_owner = %(worker)s
+      AND r.lease_owner = %(worker)s AND r.lease_expires_at > {now}
     RETURNING r.id, r.attempt, r.last_event_id, f.outcome, f.n, r.error
 ), att AS (
     UPDATE runlane_attempts a

@@ -59,6 +59,9 @@ MIGRATIONS_PACKAGE = "runlane.store.postgres.migrations"
 MIGRATION_LOCK = 0x72756E6C616E65  # "runlane": serialises concurrent migrators across processes
 PROMOTE_LIMIT = 1000
 _RETRIES = 5  # deadlocks and serialization failures are retried; the transaction was rolled back
+CLOCK_REFRESH = 30.0
+"""Seconds between readings of the database's clock; in between, this host's monotonic clock measures the
+time elapsed since the last reading (it never jumps, unlike the wall clock, but stops while a host sleeps)."""
 
 
 def _channels(*topics: Topic) -> list[str]:
@@ -85,6 +88,7 @@ class PostgresStore(PostgresFlow, Store):
         self._hb_conn: psycopg.Connection[Any] | None = None
         self._listener: Listener | None = None
         self._migrations = load_migrations(MIGRATIONS_PACKAGE)
+        self._db_clock: tuple[float, float] | None = None  # (database epoch seconds, monotonic) when read
 
     @property
     def display_url(self) -> str:
@@ -96,7 +100,27 @@ class PostgresStore(PostgresFlow, Store):
         return self._listener
 
     def now(self) -> float:
-        return self._clock() if self._clock is not None else time.time()
+        """The database's clock (the injected one in tests), not this host's: every worker must agree on
+        which fires are due and when ``not_before`` passes, whatever its own clock says (T13). Read at open
+        and every ``CLOCK_REFRESH`` seconds, and carried forward in between by the monotonic clock."""
+        if self._clock is not None:
+            return self._clock()
+        reading = self._db_clock
+        if reading is None:  # not opened yet: nothing better to go by
+            return time.time()
+        return reading[0] + (time.monotonic() - reading[1])
+
+    def _clock_stale(self) -> bool:
+        reading = self._db_clock
+        return self._clock is None and (reading is None or time.monotonic() - reading[1] > CLOCK_REFRESH)
+
+    async def _read_clock(self, conn: AConn) -> None:
+        sent = time.monotonic()
+        cur = await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+        row = await cur.fetchone()
+        received = time.monotonic()
+        if row is not None:  # the server read its clock about halfway through the round trip
+            self._db_clock = (float(row[0]) + (received - sent) / 2, received)
 
     def _now(self) -> datetime | None:
         """The ``now`` parameter: the injected clock, else None so that SQL uses the database's clock."""
@@ -116,7 +140,12 @@ class PostgresStore(PostgresFlow, Store):
             raise StoreUnavailable(
                 f"cannot connect to PostgreSQL at {self.display_url}: {_first_line(exc)}"
             ) from exc
-        await conn.close()
+        try:
+            await self._read_clock(conn)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"PostgreSQL at {self.display_url} failed: {_first_line(exc)}") from exc
+        finally:
+            await conn.close()
         await self._pool()
         listener = Listener(self._conninfo_for("listener"), self.notifier, self._token)
         with self._lock:
@@ -184,13 +213,16 @@ class PostgresStore(PostgresFlow, Store):
 
         A pooled connection may have died while idle (a server restart, an idle-session timeout): such a
         failure is retried on a fresh connection when ``body`` is safe to repeat. Every worker write is
-        fenced and every read is harmless, so only inserts opt out: a commit whose reply was lost could
-        otherwise insert twice.
+        fenced and every read is harmless, so only inserts and claims opt out: a commit whose reply was lost
+        could otherwise insert twice, or lease runs to a worker that never hears of them (the worker, told,
+        hands such runs back: see ``Worker._release_orphans``).
         """
         pool = await self._pool()
         for attempt in range(_RETRIES):
             try:
                 async with pool.connection() as conn:
+                    if self._clock_stale():
+                        await self._read_clock(conn)
                     return await body(conn)
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                 if attempt == _RETRIES - 1:
@@ -202,6 +234,10 @@ class PostgresStore(PostgresFlow, Store):
                 raise StoreUnavailable(
                     f"no connection to PostgreSQL at {self.display_url} within {self.options.pool_timeout}s"
                 ) from exc
+            except pg_errors.IdleInTransactionSessionTimeout as exc:
+                # A transaction guarded by a short idle timeout (a fire or a limited claim, see flow.py) sat
+                # idle because this process stopped; the server ended it (and rolled it back).
+                raise StoreUnavailable(f"PostgreSQL ended an idle transaction: {_first_line(exc)}") from exc
             except psycopg.OperationalError as exc:
                 if retry_disconnect and attempt < _RETRIES - 1 and _is_disconnect(exc):
                     log.info("PostgreSQL connection lost (%s); retrying on a fresh one", _first_line(exc))
@@ -608,7 +644,7 @@ class PostgresStore(PostgresFlow, Store):
             promoted_row = await promote.fetchone()
             return done, started, (promoted_row[0] if promoted_row else 0), await claim.fetchall()
 
-        done, started, promoted, rows = await self._run(body)
+        done, started, promoted, rows = await self._run(body, retry_disconnect=False)
         wake: set[Topic] = set()
         if any(done):
             wake.update(topics)
@@ -662,7 +698,12 @@ class PostgresStore(PostgresFlow, Store):
             return set()
         rows = await self._fetch(
             Q["held_leases"],
-            {"run": [x.run_id for x in leases], "attempt": [x.attempt for x in leases], "worker": worker_id},
+            {
+                "run": [x.run_id for x in leases],
+                "attempt": [x.attempt for x in leases],
+                "worker": worker_id,
+                "now": self._now(),
+            },
         )
         return {row[0] for row in rows}
 

@@ -6,29 +6,55 @@ every write. It drains whatever is queued, runs it in ONE ``BEGIN IMMEDIATE`` tr
 operation inside its own SAVEPOINT (a failing operation rolls back only itself), and commits once: one fsync
 pays for the whole group, which is what makes ``synchronous=FULL`` affordable. Several processes sharing a
 file still contend, but only these writer threads do, each with a 10 s busy timeout and an immediate
-transaction that never has to upgrade a read lock (the case the busy handler cannot resolve).
+transaction that never has to upgrade a read lock (the case the busy handler cannot resolve). Before that they
+queue in the kernel on a ``flock`` (writelock.py): SQLite's busy handler alone lets a long waiter starve.
+
+Checkpoints: SQLite's automatic ones (every ~1000 WAL pages, run by the committing writer) are passive and
+copy only the frames no reader still needs. When some reader always holds a snapshot (a dashboard polling in
+overlapping read transactions) they never finish, the WAL is never reset and grows without bound. So a
+writer that finds the WAL past ``WAL_CHECKPOINT_BYTES`` after a commit runs a TRUNCATE checkpoint, which
+waits for the old snapshots to end and resets the file. It blocks every writer of the file while it waits, so
+it waits at most ``CHECKPOINT_WAIT_MS`` (far below the writers' busy timeout) and, when readers win, is tried
+again after a back-off that the processes of the file share (a reader may hold one snapshot for minutes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from runlane.errors import SchemaOutdated, StoreUnavailable
 from runlane.store.notify import Topic
+from runlane.store.sqlite.writelock import WriteLock
 
 T = TypeVar("T")
+
+log = logging.getLogger("runlane.store.sqlite")
 
 BUSY_TIMEOUT_MS = 10_000
 MAX_GROUP = 512
 """Operations per commit group: bounds the lock hold time and the memory of one transaction."""
 STATEMENT_CACHE = 256
+WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024
+"""A WAL file larger than this gets a TRUNCATE checkpoint (passive ones normally keep it near 4 MB)."""
+CHECKPOINT_WAIT_MS = 1_000
+"""How long a TRUNCATE checkpoint may wait for readers and writers (it holds the write lock meanwhile)."""
+CHECKPOINT_RETRY_S = 1.0
+CHECKPOINT_RETRY_MAX_S = 60.0
+WAL_CHECK_INTERVAL_S = 0.1
+
+CONNECT_HOOKS: list[Callable[[sqlite3.Connection, bool], None]] = []
+"""Called as ``hook(conn, writer)`` with every connection ``connect`` opens, after its pragmas. A test seam:
+the chaos tests audit through it that every writing transaction starts ``BEGIN IMMEDIATE``."""
 
 
 def connect(path: str, *, writer: bool, uri: bool = False) -> sqlite3.Connection:
@@ -47,9 +73,7 @@ def connect(path: str, *, writer: bool, uri: bool = False) -> sqlite3.Connection
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if path != ":memory:":
-            # WAL: readers never block the writer nor the writer readers. Checkpoints use SQLite's default
-            # auto-checkpoint (every ~1000 pages, run by the committing writer); our writes are small, so the
-            # WAL stays a few MB and a passive checkpoint never waits for readers.
+            # WAL: readers never block the writer nor the writer readers. Checkpoints: see the module doc.
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"could not switch to WAL journal mode (got {mode!r})")
@@ -62,6 +86,8 @@ def connect(path: str, *, writer: bool, uri: bool = False) -> sqlite3.Connection
     except sqlite3.Error as exc:
         conn.close()
         raise StoreUnavailable(f"cannot use SQLite database {path!r}: {exc}") from exc
+    for hook in CONNECT_HOOKS:
+        hook(conn, writer)
     return conn
 
 
@@ -111,7 +137,9 @@ _STOP = object()
 
 
 class Writer:
-    """The thread that owns the write connection. ``after_commit`` receives the topics of each group."""
+    """The thread that owns the write connection. ``after_commit`` receives the topics of each group;
+    ``wal_path`` (None for ``:memory:``) is the WAL file it keeps bounded; ``lock`` (None for ``:memory:``)
+    queues it with the writers of other processes."""
 
     def __init__(
         self,
@@ -119,9 +147,15 @@ class Writer:
         *,
         after_commit: Callable[[set[Topic]], None],
         name: str = "runlane-sqlite-writer",
+        wal_path: str | None = None,
+        lock: WriteLock | None = None,
     ) -> None:
         self.conn = conn
+        self._wlock = lock
         self._after_commit = after_commit
+        self._wal_path = wal_path
+        self._next_wal_check = 0.0
+        self._checkpoint_note = (0.0, 0.0)  # (not_before, backoff) when there is no lock file to share it
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
@@ -159,6 +193,11 @@ class Writer:
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
+    def close_lock(self) -> None:
+        """Close the write lock's file (after ``close``: the thread no longer takes it)."""
+        if self._wlock is not None:
+            self._wlock.close()
+
     # -- the thread -------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -185,6 +224,54 @@ class Writer:
                     break
             if group:
                 self._run_group(group)
+                self._bound_wal()
+
+    def _bound_wal(self) -> None:
+        """TRUNCATE-checkpoint a WAL that passive checkpoints let grow (see the module docstring)."""
+        now = time.monotonic()
+        if self._wal_path is None or now < self._next_wal_check:
+            return
+        self._next_wal_check = now + WAL_CHECK_INTERVAL_S
+        try:
+            if os.stat(self._wal_path).st_size <= WAL_CHECKPOINT_BYTES:
+                return
+        except OSError:
+            return
+        lock = self._wlock
+        note = lock.checkpoint_note() if lock is not None else self._checkpoint_note
+        if time.time() < note[0]:
+            return
+        if lock is not None and not lock.acquire(CHECKPOINT_WAIT_MS / 1000):
+            return  # the writers of the file are busy: after the next commit
+        try:
+            note = lock.checkpoint_note() if lock is not None else self._checkpoint_note
+            if time.time() < note[0]:  # another process just tried
+                return
+            if self._truncate_wal():
+                new = (0.0, 0.0)
+            else:  # readers held on: back off, together with the other processes of this file
+                backoff = min(max(2 * note[1], CHECKPOINT_RETRY_S), CHECKPOINT_RETRY_MAX_S)
+                new = (time.time() + backoff, backoff)
+            if new != note:
+                self._checkpoint_note = new
+                if lock is not None:
+                    lock.write_checkpoint_note(*new)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _truncate_wal(self) -> bool:
+        conn = self.conn
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as exc:  # passive checkpoints still run at commits; this is tried again later
+            log.warning("WAL checkpoint failed: %s", exc)
+            return False
+        return bool(busy == 0)
 
     def _run_exclusive(self, op: _Op[Any]) -> None:
         tx = Tx(self.conn)
@@ -199,6 +286,23 @@ class Writer:
         self._deliver([(op, result, None)])
 
     def _run_group(self, group: list[_Op[Any]]) -> None:
+        lock = self._wlock
+        if lock is None:
+            self._transact(group)
+            return
+        if not lock.acquire(BUSY_TIMEOUT_MS / 1000):
+            seconds = BUSY_TIMEOUT_MS // 1000
+            err = StoreUnavailable(
+                f"SQLite write lock not obtained within {seconds} s (another process holds it)"
+            )
+            self._deliver([(op, None, err) for op in group])
+            return
+        try:
+            self._transact(group)
+        finally:
+            lock.release()
+
+    def _transact(self, group: list[_Op[Any]]) -> None:
         conn = self.conn
         outcomes: list[tuple[_Op[Any], Any, BaseException | None]] = []
         topics: set[Topic] = set()

@@ -70,7 +70,7 @@ WHERE run_id = ? ORDER BY number
 SELECT id, run_id, kind, at, data FROM runlane_events WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?
 
 -- name: run_states
-SELECT id, status, attempt, lease_owner, last_event_id, max_attempts FROM runlane_runs
+SELECT id, status, attempt, lease_owner, last_event_id, max_attempts, lease_expires_at FROM runlane_runs
 WHERE id IN (SELECT value FROM json_each(?))
 
 -- name: insert_event
@@ -143,13 +143,14 @@ UPDATE runlane_runs SET lease_expires_at = :expires
 FROM (SELECT value ->> 0 AS lease_run_id, value ->> 1 AS lease_attempt FROM json_each(:leases)) AS lease
 WHERE runlane_runs.id = lease.lease_run_id AND runlane_runs.attempt = lease.lease_attempt
   AND +runlane_runs.status = 'running' AND runlane_runs.lease_owner = :worker
+  AND +runlane_runs.lease_expires_at > :now  -- an expired lease is not renewed, even before the reaper comes
 RETURNING runlane_runs.id
 
 -- name: held_leases
 SELECT r.id FROM runlane_runs AS r
 JOIN (SELECT value ->> 0 AS lease_run_id, value ->> 1 AS lease_attempt FROM json_each(:leases)) AS lease
   ON r.id = lease.lease_run_id AND r.attempt = lease.lease_attempt
-WHERE +r.status = 'running' AND r.lease_owner = :worker
+WHERE +r.status = 'running' AND r.lease_owner = :worker AND +r.lease_expires_at > :now
 
 -- name: finish_terminal
 UPDATE runlane_runs SET status = ?, result = ?, error = ?, finished_at = ?, lease_owner = NULL,

@@ -79,11 +79,12 @@ def get_job(conn: sqlite3.Connection, name: str) -> JobInfo | None:
     return None if row is None else job_from_row(row)
 
 
-def held_leases(conn: sqlite3.Connection, worker_id: str, leases: Sequence[Lease]) -> set[int]:
+def held_leases(conn: sqlite3.Connection, now: float, worker_id: str, leases: Sequence[Lease]) -> set[int]:
     if not leases:
         return set()
     param = dumps([[lease.run_id, lease.attempt] for lease in leases])
-    return {row[0] for row in conn.execute(Q["held_leases"], {"worker": worker_id, "leases": param})}
+    rows = conn.execute(Q["held_leases"], {"worker": worker_id, "leases": param, "now": now})
+    return {row[0] for row in rows}
 
 
 def next_due_at(conn: sqlite3.Connection, queues: Sequence[str], jobs: Sequence[str]) -> float | None:

@@ -26,6 +26,7 @@ from runlane.store.sqlite import flow, reads, schema, writes
 from runlane.store.sqlite.connection import Readers, Tx, Writer, connect
 from runlane.store.sqlite.flow import SQLiteFlow
 from runlane.store.sqlite.wakeup import WakeChannel
+from runlane.store.sqlite.writelock import WriteLock
 
 T = TypeVar("T")
 
@@ -84,7 +85,9 @@ class SQLiteStore(SQLiteFlow, Store):
             if not self.in_memory and os.path.isdir(self.path):
                 raise StoreUnavailable(f"cannot open SQLite database {self.path!r}: it is a directory")
             conn = connect(self.path, writer=True)
-            self._writer = Writer(conn, after_commit=self._after_commit)
+            wal = None if self.in_memory else self.path + "-wal"
+            lock = None if self.in_memory else WriteLock.open(self.path)
+            self._writer = Writer(conn, after_commit=self._after_commit, wal_path=wal, lock=lock)
             if not self.in_memory:
                 self._readers = Readers(self.path, threads=self._reader_threads)
             if self._wakeups:
@@ -103,6 +106,7 @@ class SQLiteStore(SQLiteFlow, Store):
         if writer is not None:
             writer.close()  # finishes what is queued first
             writer.conn.close()
+            writer.close_lock()
         if readers is not None:
             readers.close()
         if wake is not None:
@@ -269,7 +273,7 @@ class SQLiteStore(SQLiteFlow, Store):
         )
 
     async def held_leases(self, worker_id: str, leases: Sequence[Lease]) -> set[int]:
-        return await self._read(lambda conn: reads.held_leases(conn, worker_id, leases))
+        return await self._read(lambda conn: reads.held_leases(conn, self.now(), worker_id, leases))
 
     async def finish_attempts(self, finishes: Sequence[Finish], *, worker_id: str) -> list[bool]:
         if not finishes:

@@ -258,10 +258,15 @@ def append_events(tx: Tx, now: float, drafts: Sequence[EventDraft], worker_id: s
         if state is None:
             refused.add(d.run_id)
             continue
-        _, status, attempt, owner, last_event_id, _ = state
+        _, status, attempt, owner, last_event_id, _, expires = state
         if d.attempt is not None:
             allowed = (
-                status == "running" and attempt == d.attempt and owner == worker_id and worker_id is not None
+                status == "running"
+                and attempt == d.attempt
+                and owner == worker_id
+                and worker_id is not None
+                and expires is not None
+                and expires > now
             )
         else:
             allowed = status in ACTIVE
@@ -421,7 +426,12 @@ def heartbeat(tx: Tx, now: float, worker_id: str, leases: Sequence[Lease], lease
     conn = tx.conn
     held: set[int] = set()
     if leases:
-        params = {"expires": now + lease_timeout, "worker": worker_id, "leases": _lease_param(leases)}
+        params = {
+            "expires": now + lease_timeout,
+            "now": now,
+            "worker": worker_id,
+            "leases": _lease_param(leases),
+        }
         held = {row[0] for row in conn.execute(Q["heartbeat"], params)}
     conn.execute(Q["worker_seen"], (now, worker_id))
     return held
@@ -446,6 +456,8 @@ def finish_attempts(tx: Tx, now: float, finishes: Sequence[Finish], worker_id: s
             or state[1] != "running"
             or state[2] != f.attempt
             or state[3] != worker_id
+            or state[6] is None
+            or state[6] <= now  # expired, reaped or not: see finish_attempts in the PostgreSQL queries
         ):
             applied.append(False)
             continue
