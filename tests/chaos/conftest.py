@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness.fastdb import backend_url  # noqa: F401  (a fixture, for T05, T14 and T17)
+from harness.pgcluster import PgCluster, find_bindir
 from harness.scenario import FULL, Scenario
 
 pytestmark = pytest.mark.chaos
@@ -21,8 +23,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/chaos" in str(item.fspath):
             item.add_marker(pytest.mark.chaos)
-            if FULL:
-                item.add_marker(pytest.mark.timeout(3600))
+            # Real processes and fault timelines: minutes, not the unit tests' 60 s.
+            item.add_marker(pytest.mark.timeout(3600 if FULL else 240))
 
 
 @pytest.fixture
@@ -59,3 +61,19 @@ def pg_scenario(request: pytest.FixtureRequest, tmp_path: Path, seed: int) -> It
 @pytest.fixture
 def sqlite_scenario(request: pytest.FixtureRequest, tmp_path: Path, seed: int) -> Iterator[Scenario]:
     yield from make_scenario(request, "sqlite", tmp_path, seed)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL cluster (created on first use) for tests that stop and start the server."""
+    if find_bindir() is None:
+        reason = "PostgreSQL server binaries (initdb, pg_ctl) not found"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"PostgreSQL is required in CI: {reason}")
+        pytest.skip(reason)
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()

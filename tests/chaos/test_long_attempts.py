@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from harness.scenario import Scenario, scale
+
+pytestmark = pytest.mark.serial  # CPU-heavy or measures latency: runs alone (scripts/test)
 
 SLACK = 1.0
 

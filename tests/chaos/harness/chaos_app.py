@@ -11,9 +11,15 @@ import os
 import time
 from functools import cache
 
+from harness import fires, frozen, skew, sqlite_audit
 from harness.ledger import Ledger
 from runlane import JobContext, Retry, Runlane
 
+skew.install_from_env()  # T13: this process's wall clock, shifted (before anything reads it)
+sqlite_audit.install_from_env()  # T22: audit this worker's SQLite transactions when asked to
+fires.install_crash_hook_from_env()  # T12: crash at a step of the fire path when asked to
+fires.install_plan_recorder_from_env()  # T12/T13: record each scheduler pass's clock and plan
+frozen.install_from_env()  # T06: a worker whose heartbeats never happen
 app = Runlane()
 app.queue("limited_q", max_concurrency=10)
 
@@ -109,7 +115,7 @@ def spin_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
     return key
 
 
-@app.job(retry=PROBE_RETRY)
+@app.job(retry=PROBE_RETRY, queue="blocking")  # its own queue: one per worker, or they run in series
 async def block_loop_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
     """Blocks the worker's event loop (a badly written async job): heartbeats must not depend on the loop."""
     execution = _open(ctx, key)
@@ -123,3 +129,38 @@ def tick(ctx: JobContext) -> None:
     """Fired by schedules: the ledger keeps the intended fire time."""
     execution = _open(ctx, ctx.run.schedule_id)
     ledger().end(execution, "done")
+
+
+@app.job(retry=Retry(attempts=1))
+def slow_tick(duration_ms: int, ctx: JobContext) -> None:
+    """Fired by a schedule whose runs outlive its interval: overlap ``skip`` must record skipped fires."""
+    execution = _open(ctx, ctx.run.schedule_id)
+    deadline = time.monotonic() + duration_ms / 1000
+    while (left := deadline - time.monotonic()) > 0 and not ctx.cancelled:
+        time.sleep(min(left, 0.02))
+    ledger().end(execution, "cancelled" if ctx.cancelled else "done")
+
+
+@app.job(retry=PROBE_RETRY)
+def progress_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    """Reports progress every 50 ms, naming its attempt: a stale attempt's late writes are recognisable."""
+    execution = _open(ctx, key)
+    deadline = time.monotonic() + duration_ms / 1000
+    started = time.monotonic()
+    while (left := deadline - time.monotonic()) > 0:
+        if ctx.cancelled:
+            ledger().end(execution, "cancelled")
+            ctx.raise_if_cancelled()
+        elapsed = time.monotonic() - started
+        ctx.progress(min(99.0, 100 * elapsed * 1000 / duration_ms), f"attempt {ctx.attempt}")
+        time.sleep(min(left, 0.05))
+    ledger().end(execution, "done")
+    return key
+
+
+@app.job(retry=Retry(attempts=5, backoff=30.0, max_delay=60.0))
+def fail_probe(key: str, ctx: JobContext) -> None:
+    """Fails at once and waits long before its next attempt: a run that sits in ``retrying``."""
+    execution = _open(ctx, key)
+    ledger().end(execution, "failed")
+    raise RuntimeError(f"{key} fails on purpose")

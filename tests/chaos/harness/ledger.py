@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from harness.skew import real_time  # true time even in a process whose clock the test skews
 
 ENV = "CHAOS_LEDGER"
 
@@ -88,14 +89,14 @@ class Ledger:
         cur = self._conn().execute(
             "INSERT INTO executions (run_id, attempt, job, key, worker_id, pid, t_start, scheduled_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (run_id, attempt, job, key, worker_id, os.getpid(), time.time(), scheduled_at),
+            (run_id, attempt, job, key, worker_id, os.getpid(), real_time(), scheduled_at),
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
 
     def end(self, execution_id: int, outcome: str) -> None:
         self._conn().execute(
-            "UPDATE executions SET t_end = ?, outcome = ? WHERE id = ?", (time.time(), outcome, execution_id)
+            "UPDATE executions SET t_end = ?, outcome = ? WHERE id = ?", (real_time(), outcome, execution_id)
         )
 
     def executions(self) -> list[Execution]:

@@ -192,6 +192,22 @@ class WorkerPool:
         slot.proc.wait(timeout=10)
         return fault
 
+    def kill_all(self, detail: str = "") -> list[Fault]:
+        """SIGKILL every live worker at once (a power cut), then wait for them; no restarts afterwards."""
+        faults: list[Fault] = []
+        with self._lock:
+            self._stop.set()
+            for slot in self.slots:
+                slot.held = True
+                if slot.alive:
+                    assert slot.proc is not None
+                    faults.append(self.faults.instant("kill", slot.proc.pid, detail))
+                    slot.proc.kill()  # a stopped process dies of SIGKILL too
+        for slot in self.slots:
+            if slot.proc is not None:
+                slot.proc.wait(timeout=10)
+        return faults
+
     def pause(self, slot: WorkerSlot, detail: str = "") -> Fault | None:
         with self._lock:
             if not slot.alive or slot.paused:
@@ -234,6 +250,27 @@ class WorkerPool:
 
     def release(self, slot: WorkerSlot) -> None:
         slot.held = False
+
+    def wait_started(self, timeout: float = 30.0, marker: str = "started:") -> None:
+        """Until every live worker's log says it started (its scheduler and claim loop are running), so a
+        test's clock starts with the pool up rather than with processes still importing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            waiting = [
+                s.index
+                for s in self.live()
+                if not any(
+                    f"-{s.pid}-" in line and marker in line
+                    for line in (
+                        s.log_path.read_text(errors="replace") if s.log_path.exists() else ""
+                    ).splitlines()
+                )
+            ]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers {waiting} did not start within {timeout} s\n{self.logs()}")
+            time.sleep(0.05)
 
     def logs(self) -> str:
         return "\n".join(

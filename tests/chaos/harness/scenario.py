@@ -31,6 +31,15 @@ def scale(smoke: int, full: int) -> int:
     return full if FULL else smoke
 
 
+def record_figures(name: str, backend: str, seed: int, **figures: Any) -> None:
+    """Full tier: keep a test's figures for RELIABILITY.md, for tests without a Scenario (in-process ones)."""
+    if not FULL:
+        return
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    record = {"test": name, "backend": backend, "seed": seed, **figures}
+    (RESULTS_DIR / f"{name}-{backend}.json").write_text(json.dumps(record, indent=2))
+
+
 @dataclass
 class Scenario:
     name: str
