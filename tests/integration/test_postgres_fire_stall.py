@@ -70,7 +70,7 @@ async def test_a_scheduler_stopped_mid_fire_holds_back_no_other_schedule(
         await pg.add_schedule(every_second(sid, first))
     # A scheduler that began firing "a" and then stopped: its transaction holds the row, idle.
     stopped = await psycopg.AsyncConnection.connect(pg_url)
-    await stopped.execute(F["fire_guard"], {"idle_timeout": FIRE_IDLE_TIMEOUT})
+    await stopped.execute(F["bound_idle"], {"idle_timeout": FIRE_IDLE_TIMEOUT})
     assert await (await stopped.execute(F["fire_state"], {"id": "a"})).fetchall()
     held_since = time.monotonic()
 

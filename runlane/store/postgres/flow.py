@@ -200,7 +200,7 @@ class PostgresFlow(SchedulesAndLimits):
         async def body(conn: AConn) -> list[Run]:
             created: list[Run] = []
             async with conn.transaction():
-                await conn.execute(F["fire_guard"], {"idle_timeout": FIRE_IDLE_TIMEOUT})
+                await conn.execute(F["bound_idle"], {"idle_timeout": FIRE_IDLE_TIMEOUT})
                 state = await _fetch(conn, "fire_state", {"id": request.schedule_id})
                 if not state:
                     return []  # paused, removed, or being fired by another scheduler right now
@@ -386,7 +386,7 @@ class PostgresFlow(SchedulesAndLimits):
                     {lock_key("job", j) for j in lock_jobs} | {lock_key("queue", q) for q in lock_queues}
                 )
                 idle_ms = int(1000 * min(2.0, max(lease_timeout / 4, 0.2)))
-                await conn.execute(F["bound_idle"], {"ms": str(idle_ms)})
+                await conn.execute(F["bound_idle"], {"idle_timeout": f"{idle_ms}ms"})
                 await conn.execute(F["lock_limits"], {"keys": keys})
                 adm = Admission(job_limits, queue_limits)
                 adm.count_running(

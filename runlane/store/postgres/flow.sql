@@ -56,9 +56,10 @@ RETURNING {schedule_columns};
 -- name: remove_schedule
 DELETE FROM runlane_schedules WHERE id = %(id)s RETURNING id;
 
--- name: fire_guard
--- A fire transaction left idle (its scheduler stopped, partitioned or blocked) is ended by the server, so
--- that the schedule it locks is fired by the others within the misfire grace.
+-- name: bound_idle
+-- Runlane's multi-statement transactions hold locks others wait for (a schedule row while firing it, the
+-- limit locks while claiming). One left idle because its process was stopped, partitioned or blocked is
+-- ended by the server after this time, so that the others carry on instead of stalling behind it.
 SELECT set_config('idle_in_transaction_session_timeout', %(idle_timeout)s, true);
 
 -- name: fire_state
@@ -159,11 +160,6 @@ SELECT up.name FROM up CROSS JOIN note;
 SELECT queue, status, count(*) FROM runlane_runs
 WHERE status IN ('scheduled', 'pending', 'running', 'retrying')
 GROUP BY queue, status;
-
--- name: bound_idle
--- A claimer stopped mid-transaction (SIGSTOP, a partition, a stalled VM) would hold the limit locks below
--- and stall every limited claim on every worker; the server ends such a session after this idle time.
-SELECT set_config('idle_in_transaction_session_timeout', %(ms)s, true);
 
 -- name: limited_due
 -- Whether the limit-aware claim may find anything: a due run of a limited queue or a limited job among the
