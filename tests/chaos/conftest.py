@@ -47,7 +47,7 @@ def make_scenario(
         scenario.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def scenario(request: pytest.FixtureRequest, tmp_path: Path, seed: int) -> Iterator[Scenario]:
     """A migrated store on each backend with an empty ledger, fault log and client log."""
     yield from make_scenario(request, request.param, tmp_path, seed)
