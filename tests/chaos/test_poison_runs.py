@@ -50,7 +50,7 @@ def test_poison_runs(scenario: Scenario) -> None:
     undecodable = _insert_raw(
         scenario.url,
         [
-            NewRun(job="ledger_probe", args={"key": f"bad{i}", "duration_ms": "soon"}, max_attempts=3)
+            NewRun(job="ledger_probe", args={"key": f"bad{i}", "duration_ms": "soon"}, max_attempts=10)
             for i in range(per_kind)
         ],
     )
