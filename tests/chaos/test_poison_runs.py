@@ -10,6 +10,7 @@ Every healthy run succeeds, and the crashes never stall the queue for longer tha
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import replace
 
@@ -101,27 +102,31 @@ def test_poison_runs(scenario: Scenario) -> None:
         else:
             assert run.status.value == "succeeded", run
 
-    # No stall: every healthy run is picked up within lease + 2 s of becoming claimable (created once the
-    # workers are up, or reclaimed after a crash took its worker down), however often poison kills workers.
+    # No stall: while some healthy run was claimable (created once the workers were up, or reclaimed after a
+    # crash took its worker down), healthy claims never paused for longer than lease + 2 s, however often
+    # poison killed workers. (A backlog waits its turn; that is throughput, not a stall.)
     workers_up = min(e.t_start for e in executions)
-    worst = 0.0
-    worst_case: object = None
+    ready: list[float] = []
+    claims: list[float] = []
     for run in state.runs.values():
         if run.job != "ledger_probe" or run.id in undecodable:
             continue
-        # Picked up = claimed (an attempt row), whether or not the body got to run before a crash.
-        starts = [a.started_at.timestamp() for a in state.attempts[run.id]]
-        ready = [max(run.created_at.timestamp(), workers_up)]
-        ready += [
-            a.finished_at.timestamp()
-            for a in state.attempts[run.id]
-            if a.error is not None and a.error.type == "WorkerLost" and a.finished_at is not None
-        ]
-        for became_ready, start in zip(sorted(ready), starts, strict=False):
-            if start - became_ready > worst:
-                worst, worst_case = start - became_ready, (run, sorted(ready), starts, state.attempts[run.id])
+        ready.append(max(run.created_at.timestamp(), workers_up))
+        for a in state.attempts[run.id]:
+            claims.append(a.started_at.timestamp())
+            if a.error is not None and a.error.type == "WorkerLost" and a.finished_at is not None:
+                ready.append(a.finished_at.timestamp())
+    ready.sort()
+    claims.sort()
+    worst = 0.0
+    r = 0
+    for i, (a, b) in enumerate(itertools.pairwise([workers_up, *claims])):
+        while r < len(ready) and ready[r] <= a:
+            r += 1
+        if r - i > 0:  # claimable runs were waiting at ``a``
+            worst = max(worst, b - a)
     assert worst <= timing.lease_timeout + 2 + SLACK, (
-        f"a healthy run waited {worst:.1f} s to be picked up: {worst_case}\n{scenario.logs()}"
+        f"healthy claims stalled for {worst:.1f} s\n{scenario.logs()}"
     )
 
     checked = StoreState(
@@ -140,6 +145,6 @@ def test_poison_runs(scenario: Scenario) -> None:
         expected_failures=lambda run: run.job == "crash_probe" or run.id in undecodable,
     )
     report = replace(report, faults=scenario.faults.count("crash"))
-    scenario.record(report, poison=3 * per_kind, healthy=healthy, worst_pickup_s=round(worst, 2))
-    print(report.summary(), f"worst pickup {worst:.2f} s")
+    scenario.record(report, poison=3 * per_kind, healthy=healthy, worst_stall_s=round(worst, 2))
+    print(report.summary(), f"worst stall {worst:.2f} s")
     report.assert_ok(scenario.logs())
