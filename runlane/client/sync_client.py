@@ -45,36 +45,23 @@ class Client:
         on_conflict: ConflictPolicy = "raise",
         connection: Any = None,
     ) -> Run:
+        options: dict[str, Any] = dict(
+            not_before=not_before,
+            not_after=not_after,
+            priority=priority,
+            dedup_id=dedup_id,
+            queue=queue,
+            max_attempts=max_attempts,
+            tags=tags,
+        )
         if _blocking(connection):
-            store, new = self.portal.call(
-                self.async_client.prepare_trigger(
-                    job,
-                    args,
-                    not_before=not_before,
-                    not_after=not_after,
-                    priority=priority,
-                    dedup_id=dedup_id,
-                    queue=queue,
-                    max_attempts=max_attempts,
-                    tags=tags,
-                )
-            )
+            # The caller's sync connection is driven on the caller's thread, not the shared loop: a dedup id
+            # held by another open transaction then blocks only this caller.
+            store, new = self.portal.call(self.async_client.prepare_trigger(job, args, **options))
             (run,) = store.insert_runs_in_transaction_blocking(connection, [new], on_conflict=on_conflict)
             return run
         return self.portal.call(
-            self.async_client.trigger(
-                job,
-                args,
-                not_before=not_before,
-                not_after=not_after,
-                priority=priority,
-                dedup_id=dedup_id,
-                queue=queue,
-                max_attempts=max_attempts,
-                tags=tags,
-                on_conflict=on_conflict,
-                connection=connection,
-            )
+            self.async_client.trigger(job, args, on_conflict=on_conflict, connection=connection, **options)
         )
 
     def trigger_many(
