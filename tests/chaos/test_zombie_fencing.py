@@ -46,7 +46,9 @@ def test_zombie_pause_fencing(scenario: Scenario) -> None:
     scenario.trigger_many_logged(
         "progress_probe", [{"key": f"k{i}", "duration_ms": rng.randint(low, high)} for i in range(runs)]
     )
-    pool = scenario.pool(4, concurrency=concurrency, restart_delay=None)
+    # Pauses overlap (each lasts 3 x lease, the next starts 0.5 s later) and each takes a distinct worker, so two
+    # more workers than pauses keep the reaper and the reclaims going while they are all stopped.
+    pool = scenario.pool(pauses + 2, concurrency=concurrency, restart_delay=None)
 
     paused: list[tuple[int, Fault]] = []
     threads: list[threading.Thread] = []
