@@ -102,9 +102,13 @@ class Heartbeat:
             self._on_lost(lost)
 
     def beat(self) -> None:
+        started = time.monotonic()
+        # A lease already a whole period old (the process was stopped or starved) is lost whatever the store
+        # would answer: stop its attempt now rather than after a renewal round trip on a busy store.
+        self._fence(started)
         with self._lock:
             leases = list(self._leases.values())
-        started = self._beat_started = time.monotonic()
+        self._beat_started = started
         try:
             held = self._store.heartbeat_blocking(self._worker_id, leases, self._lease_timeout)
         except Exception as exc:

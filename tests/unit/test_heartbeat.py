@@ -1,0 +1,90 @@
+"""The heartbeat thread's self-fencing rules, against a store stand-in whose renewals we control."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, cast
+
+from runlane.store import Lease, Store
+from runlane.worker.heartbeat import Heartbeat
+
+LEASE = 2.0
+
+
+class SlowStore:
+    """Renews every lease it is sent, after ``delay`` seconds (a busy SQLite writer queue)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.sent: list[set[int]] = []
+
+    def heartbeat_blocking(self, worker_id: str, leases: list[Lease], lease_timeout: float) -> set[int]:
+        self.sent.append({lease.run_id for lease in leases})
+        time.sleep(self.delay)
+        return {lease.run_id for lease in leases}
+
+
+def make(store: SlowStore, lost: list[tuple[float, set[int]]]) -> Heartbeat:
+    return Heartbeat(
+        cast(Store, store),
+        "w1",
+        lease_timeout=LEASE,
+        interval=0.5,
+        on_lost=lambda ids: lost.append((time.monotonic(), set(ids))),
+    )
+
+
+def test_zombie_pause_fencing_a_resumed_worker_stops_stale_attempts_before_asking_the_store() -> None:
+    """T03 (full tier, SQLite): a worker resumed after a SIGSTOP of 3 x lease sent its stale leases to a busy
+    store and stopped their attempts only when the refusal came back, 1.5 s later. A lease a whole period old
+    is lost whatever the store says: it is fenced before the renewal is sent, and never sent."""
+    store = SlowStore(delay=1.0)
+    lost: list[tuple[float, set[int]]] = []
+    heartbeat = make(store, lost)
+    now = time.monotonic()
+    heartbeat.add(Lease(1, 1), renewed_at=now - 3 * LEASE)  # granted before the pause
+    heartbeat.add(Lease(2, 1), renewed_at=now - 0.1)  # granted just before it: still ours
+
+    began = time.monotonic()
+    beat = threading.Thread(target=heartbeat.beat)
+    beat.start()
+    deadline = time.monotonic() + 5
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    beat.join()
+
+    assert lost and lost[0][1] == {1}
+    assert lost[0][0] - began < store.delay / 2, "fenced only after the renewal round trip"
+    assert store.sent == [{2}], "a lease already lost was sent for renewal"
+
+
+def test_a_renewed_lease_is_kept_and_a_refused_one_is_reported() -> None:
+    class Refusing(SlowStore):
+        def heartbeat_blocking(self, worker_id: str, leases: list[Lease], lease_timeout: float) -> set[int]:
+            super().heartbeat_blocking(worker_id, leases, lease_timeout)
+            return {1}
+
+    store = Refusing(delay=0.0)
+    lost: list[tuple[float, set[int]]] = []
+    heartbeat = make(store, lost)
+    heartbeat.add(Lease(1, 1))
+    heartbeat.add(Lease(2, 3))
+    heartbeat.beat()
+    assert [ids for _, ids in lost] == [{2}]
+    heartbeat.remove(2)
+    heartbeat.beat()
+    assert store.sent == [{1, 2}, {1}]
+    assert len(lost) == 1
+
+
+def test_a_failed_renewal_fences_only_what_is_a_lease_old() -> None:
+    class Failing(SlowStore):
+        def heartbeat_blocking(self, *args: Any) -> set[int]:
+            raise OSError("store down")
+
+    lost: list[tuple[float, set[int]]] = []
+    heartbeat = make(Failing(delay=0.0), lost)
+    heartbeat.add(Lease(1, 1), renewed_at=time.monotonic() - 0.5)
+    heartbeat.beat()
+    assert lost == []  # still within its lease: the next renewal may get through
