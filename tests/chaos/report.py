@@ -1,7 +1,8 @@
 """Rewrite the figures table of RELIABILITY.md from a full chaos run's results (``scripts/chaos``).
 
 Each test wrote ``<test>-<backend>.json`` (see ``Scenario.record``); the table sits between two markers in
-RELIABILITY.md so the prose around it stays hand-written.
+RELIABILITY.md so the prose around it stays hand-written. The full tier takes longer than one sitting, so a run
+of some tests replaces their rows and keeps the others' (each row says when it was measured).
 """
 
 from __future__ import annotations
@@ -24,18 +25,44 @@ COLUMNS = [
     ("limit_overlaps", "limit overlaps"),
     ("recovery_s", "recovery (s)"),
 ]
-STANDARD = {key for key, _ in COLUMNS} | {"test", "backend", "seed", "unexpected", "accounting", "legality"}
+STANDARD = {key for key, _ in COLUMNS} | {
+    "test",
+    "backend",
+    "seed",
+    "at",
+    "unexpected",
+    "accounting",
+    "legality",
+}
 
 
-def table(results: list[dict[str, object]]) -> str:
-    head = "| test | store | " + " | ".join(title for _, title in COLUMNS) + " | other figures |"
-    rule = "|" + "---|" * (len(COLUMNS) + 3)
-    lines = [head, rule]
-    for r in sorted(results, key=lambda r: (str(r["test"]), str(r["backend"]))):
-        cells = ["" if r.get(key) is None else str(r.get(key)) for key, _ in COLUMNS]
-        other = ", ".join(f"{k}={v}" for k, v in r.items() if k not in STANDARD and k != "max_overlap")
-        lines.append(f"| {r['test']} | {r['backend']} | " + " | ".join(cells) + f" | {other} |")
-    return "\n".join(lines)
+def row(r: dict[str, object]) -> str:
+    cells = ["" if r.get(key) is None else str(r.get(key)) for key, _ in COLUMNS]
+    other = ", ".join(f"{k}={v}" for k, v in r.items() if k not in STANDARD and k != "max_overlap")
+    return f"| {r['test']} | {r['backend']} | " + " | ".join(cells) + f" | {other} | {r.get('at') or ''} |"
+
+
+def table(rows: dict[tuple[str, str], str]) -> str:
+    head = (
+        "| test | store | "
+        + " | ".join(title for _, title in COLUMNS)
+        + " | other figures | measured (UTC) |"
+    )
+    rule = "|" + "---|" * (len(COLUMNS) + 4)
+    return "\n".join([head, rule, *(rows[key] for key in sorted(rows))])
+
+
+def kept_rows(block: str) -> dict[tuple[str, str], str]:
+    """The rows already on the page, by (test, store): a partial run leaves the others as they were."""
+    rows: dict[tuple[str, str], str] = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or cells[0] in {"test", ""} or set(cells[0]) <= {"-"}:
+            continue
+        if len(cells) == len(COLUMNS) + 3:  # written before rows carried their date
+            line = line.rstrip() + "  |"
+        rows[(cells[0], cells[1])] = line.rstrip()
+    return rows
 
 
 def main(results_dir: str, page: str) -> None:
@@ -43,14 +70,18 @@ def main(results_dir: str, page: str) -> None:
     if not results:
         print(f"no results in {results_dir}", file=sys.stderr)
         return
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    block = (
-        f"{BEGIN}\nFull tier, {stamp}, {platform.node() or 'this machine'} "
-        f"({platform.machine()}, Python {platform.python_version()}); `make chaos`.\n\n{table(results)}\n{END}"
-    )
     path = Path(page)
     text = path.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
+    rows = kept_rows(text[start:end])
+    for r in results:
+        r.setdefault("at", datetime.now(UTC).strftime("%Y-%m-%d %H:%M"))
+        rows[(str(r["test"]), str(r["backend"]))] = row(r)
+    block = (
+        f"{BEGIN}\nFull tier (`make chaos`), last written {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on "
+        f"{platform.node() or 'this machine'} ({platform.machine()}, Python {platform.python_version()}).\n\n"
+        f"{table(rows)}\n{END}"
+    )
     path.write_text(text[:start] + block + text[end:])
     print(f"wrote {len(results)} results to {page}")
 

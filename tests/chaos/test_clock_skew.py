@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from harness.fires import RECORD_ENV, check_fires, cron_fires, read_plans, store_fire_counts, ts, wait_fired
-from harness.scenario import FULL, Scenario, scale
+from harness.scenario import FULL, Scenario, scale, span
 from harness.skew import FILE_ENV, OFFSET_ENV, set_offset
 
 from runlane.models import RunFilter, Schedule
@@ -171,7 +171,7 @@ def test_clock_skew_workers(pg_scenario: Scenario) -> None:
         jump,
         [pool.slots[2].pid or 0],
         database_clock=True,
-        duration=scale(20.0, 1800.0),
+        duration=span(20.0, 1800.0),
         runs=scale(200, 3_500),
     )
 
@@ -198,7 +198,7 @@ def test_clock_skew_scheduler_sqlite(sqlite_scenario: Scenario) -> None:
         jump,
         [schedulers.slots[1].pid or 0],
         database_clock=False,
-        duration=scale(12.0, 1800.0),
+        duration=span(12.0, 1800.0),
         runs=scale(60, 3_500),
     )
 

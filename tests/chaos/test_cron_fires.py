@@ -33,7 +33,7 @@ from harness.fires import (
     wait_fired,
 )
 from harness.procs import WorkerPool, WorkerSlot
-from harness.scenario import FULL, Scenario, every, scale
+from harness.scenario import FULL, Scenario, every, scale, span
 
 from runlane.models import Schedule
 from runlane.scheduler.schedules import MISFIRE_GRACE
@@ -112,7 +112,7 @@ def test_cron_exactly_once_chaos(scenario: Scenario) -> None:
     2 x lease. At least two processes are up at every moment, so no fire may be missing."""
     lease = scenario.timing.lease_timeout
     processes = scale(4, 10)
-    chaos_for = scale(16.0, 6 * 3600.0)  # strikes at 5, 10 and 15 s
+    chaos_for = span(16.0, 6 * 3600.0)  # strikes at 5, 10 and 15 s
     specs = [(f"sec-{i}", "tick", EVERY_SECOND, {}) for i in range(scale(10, 20))]
     specs += [(f"min-{i}", "tick", EVERY_MINUTE, {}) for i in range(scale(0, 30))]
     specs += [("slow", "slow_tick", EVERY_SECOND, {"duration_ms": 2_500})]  # outlives its 1 s interval
@@ -183,7 +183,7 @@ def test_cron_crash_gap_and_catch_up(scenario: Scenario) -> None:
     run per ``misfire="latest"`` schedule and min(N, missed) per ``misfire="all"``, ``max_catch_up=N``
     schedule (the latest missed ones), each run executed with its own fire time."""
     catch_up = 3
-    outage = scale(10.0, 1800.0)
+    outage = span(10.0, 1800.0)
     crash_log = scenario.workdir / "crashes.jsonl"
     plan_file = scenario.workdir / "crash-plan"
     # Each process crashes on its second pass that reaches its step: its first pass creates the fires the

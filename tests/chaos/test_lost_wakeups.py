@@ -20,7 +20,7 @@ import pytest
 from harness import pgwatch
 from harness.clientlog import Op
 from harness.faults import Fault
-from harness.scenario import Scenario, every, scale
+from harness.scenario import Scenario, every, scale, span
 
 from runlane.store.postgres.listener import CHANNELS
 
@@ -104,7 +104,7 @@ def test_lost_wakeups(pg_scenario: Scenario) -> None:
             outage.back = time.time()
             scenario.faults.end(fault)
 
-        triggers, seconds = scale(200, 2_000), scale(20, 600)
+        triggers, seconds = scale(200, 2_000), span(20, 600)
         client = scenario.client
         client.get_run(0)  # connected before the first timed trigger
         # CI: a cut every ~3 s (>= 5 in 20 s); full tier: every 10 s, as the plan says.

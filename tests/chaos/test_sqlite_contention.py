@@ -22,7 +22,7 @@ import pytest
 from harness import sqlite_audit
 from harness.checker import check
 from harness.loadgen import Clients
-from harness.scenario import FULL, Scenario, scale
+from harness.scenario import FULL, Scenario, span
 
 pytestmark = pytest.mark.serial  # CPU-heavy or measures latency: runs alone (scripts/test)
 
@@ -60,7 +60,7 @@ def test_sqlite_contention_and_checkpoint(sqlite_scenario: Scenario) -> None:
     audit_dir = scenario.workdir / "audit"
     audit_dir.mkdir()
     env = scenario.env(**{sqlite_audit.ENV: str(audit_dir)})
-    duration = float(scale(20, 3600))
+    duration = span(20, 3600)
 
     pool = scenario.pool(WORKERS, concurrency=8, env=env, restart_delay=None)
     nemesis_env = {k: v for k, v in env.items() if k != sqlite_audit.ENV}

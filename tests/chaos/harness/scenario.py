@@ -26,9 +26,34 @@ RESULTS_DIR = Path(
 )
 
 
+SPAN_CAP = float(os.environ.get("RUNLANE_CHAOS_SPAN_CAP", "0") or 0) or None
+_capped: list[tuple[float, float]] = []  # (planned, used) spans of the running test, reset per scenario
+
+
 def scale(smoke: int, full: int) -> int:
     """The plan's load for this tier: ``[CI]`` figure in smoke runs, the written figure in ``make chaos``."""
     return full if FULL else smoke
+
+
+def span(smoke: float, full: float) -> float:
+    """A time box (seconds of chaos, of outage, of load) for this tier.
+
+    ``RUNLANE_CHAOS_SPAN_CAP`` shortens the full tier's long boxes (the plan's 30 min outages and 6 h soak) to
+    fit a session; the load (processes, rates, run counts) stays at full scale, and the figures of a test whose
+    box was shortened say so (``span_capped``), so a capped run is never mistaken for the plan's.
+    """
+    if not FULL:
+        return smoke
+    if SPAN_CAP is not None and full > SPAN_CAP:
+        _capped.append((full, SPAN_CAP))
+        return SPAN_CAP
+    return full
+
+
+def _cap_note() -> dict[str, str]:
+    if not _capped:
+        return {}
+    return {"span_capped": "; ".join(f"{planned:g}s->{used:g}s" for planned, used in _capped)}
 
 
 def record_figures(name: str, backend: str, seed: int, **figures: Any) -> None:
@@ -36,8 +61,12 @@ def record_figures(name: str, backend: str, seed: int, **figures: Any) -> None:
     if not FULL:
         return
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    record = {"test": name, "backend": backend, "seed": seed, **figures}
+    record = {"test": name, "backend": backend, "seed": seed, "at": _stamp(), **figures, **_cap_note()}
     (RESULTS_DIR / f"{name}-{backend}.json").write_text(json.dumps(record, indent=2))
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime())
 
 
 @dataclass
@@ -55,6 +84,7 @@ class Scenario:
     _app: Runlane | None = None
 
     def __post_init__(self) -> None:
+        _capped.clear()
         self.ledger = Ledger(self.workdir / "ledger.db")
         self.random = random.Random(self.seed)
 
@@ -115,7 +145,15 @@ class Scenario:
         if not FULL:
             return
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        figures = {"test": self.name, "backend": self.backend, "seed": self.seed, **report.figures(), **extra}
+        figures = {
+            "test": self.name,
+            "backend": self.backend,
+            "seed": self.seed,
+            "at": _stamp(),
+            **report.figures(),
+            **extra,
+            **_cap_note(),
+        }
         (RESULTS_DIR / f"{self.name}-{self.backend}.json").write_text(json.dumps(figures, indent=2))
 
     def close(self) -> None:
