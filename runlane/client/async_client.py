@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,9 @@ from runlane.store.base import CONTINUE_WHEN, ConflictPolicy, ContinueWhen
 from .schedules import AsyncSchedules
 from .watcher import RunWatcher
 from .workflows import BatchItem, build_tree, follow_batch
+
+# Fields of a NewRun that trigger_many works out once, from its first item, and gives every other item.
+_SHARED_FIELDS = tuple(f.name for f in fields(NewRun) if f.name not in ("args", "concurrency_key"))
 
 if TYPE_CHECKING:
     from runlane.app import Runlane
@@ -300,6 +303,8 @@ class AsyncClient:
             )
             name, local, info = await self._resolve(job, store)
             news.append(first)
+            # Keyword construction from the first item's fields: dataclasses.replace costs ~7 us per run.
+            shared = {f: getattr(first, f) for f in _SHARED_FIELDS}
             for args in args_list[1:]:
                 if local is not None:
                     data = local.validate(args)
@@ -307,7 +312,7 @@ class AsyncClient:
                     assert info is not None
                     data = validate_with_schema(name, info.args_schema, args)
                 key = run_concurrency_key(name, local, info, data)
-                news.append(replace(first, args=data, concurrency_key=key))
+                news.append(NewRun(args=data, concurrency_key=key, **shared))
         return store, news
 
     # -- waiting -----------------------------------------------------------------------------------------------

@@ -262,3 +262,32 @@ async def test_heartbeat_reconnects_after_its_connection_is_killed(pg: PostgresS
     assert pg._hb_conn is not None
     _terminate(pg_url, pg._hb_conn.info.backend_pid)
     assert await asyncio.to_thread(pg.heartbeat_blocking, "w1", leases, 30) == {run.id}
+
+
+# -- how runs travel ------------------------------------------------------------------------------------------
+
+
+async def test_single_and_bulk_inserts_store_the_same_times_and_values(pg: PostgresStore) -> None:
+    """One run goes as scalar parameters, many as one JSON document: both must store the same microsecond (a
+    schedule's fire is unique by its not_before) and the same arguments, tags and optional fields."""
+    fire = 1_900_000_000.123457  # a time whose microseconds a text round trip could round differently
+    args = {"text": 'quote " backslash \\ unicode é ✓', "n": 2**53 + 1, "x": 0.1, "none": None, "list": [1, {}]}
+    template = NewRun(
+        "job",
+        args,
+        not_before=fire,
+        not_after=fire + 60,
+        tags=("a", 'b"c', "d\\e", "{x,y}"),
+        concurrency_key="k1",
+    )
+    (one,) = await pg.insert_runs([template])
+    many = await pg.insert_runs([template, NewRun("job", {}, priority=-3, max_attempts=1)])
+    stored = {run.id: run for run in await pg.get_runs([one.id, many[0].id, many[1].id])}
+    a, b, plain = stored[one.id], stored[many[0].id], stored[many[1].id]
+    for run in (a, b):
+        assert run.not_before is not None and run.not_before.timestamp() == pytest.approx(fire, abs=1e-6)
+        assert run.args == args and run.tags == template.tags and run.status.value == "scheduled"
+    assert (a.not_before, a.not_after) == (b.not_before, b.not_after)
+    assert a.not_before == one.not_before == many[0].not_before  # what trigger returned is what is stored
+    assert (plain.args, plain.tags, plain.priority, plain.max_attempts) == ({}, (), -3, 1)
+    assert (plain.not_before, plain.not_after, plain.dedup_id) == (None, None, None)

@@ -13,7 +13,7 @@ is inserted again in the next round, in the same transaction.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, LiteralString
 
 import psycopg
@@ -35,23 +35,56 @@ Step = tuple[LiteralString, dict[str, Any]]
 Plan = Generator[Step, list[tuple[Any, ...]], tuple[list[Run], int]]
 
 
-def _columns(runs: Sequence[NewRun]) -> dict[str, list[Any]]:
+def _scalars(run: NewRun) -> dict[str, Any]:
+    """Parameters of ``insert_one``."""
     return {
-        "job": [r.job for r in runs],
-        "args": [dumps(r.args) for r in runs],
-        "queue": [r.queue for r in runs],
-        "priority": [r.priority for r in runs],
-        "max_attempts": [r.max_attempts for r in runs],
-        "not_before": [to_datetime(r.not_before) for r in runs],
-        "not_after": [to_datetime(r.not_after) for r in runs],
-        "dedup_id": [r.dedup_id for r in runs],
-        "tags": [text_array(r.tags) for r in runs],
-        "parent_run_id": [r.parent_run_id for r in runs],
-        "batch_id": [r.batch_id for r in runs],
-        "schedule_id": [r.schedule_id for r in runs],
-        "continue_when": [r.continue_when for r in runs],
-        "concurrency_key": [r.concurrency_key for r in runs],
+        "job": run.job,
+        "args": dumps(run.args),
+        "queue": run.queue,
+        "priority": run.priority,
+        "max_attempts": run.max_attempts,
+        "not_before": to_datetime(run.not_before),
+        "not_after": to_datetime(run.not_after),
+        "dedup_id": run.dedup_id,
+        "tags": text_array(run.tags),
+        "parent_run_id": run.parent_run_id,
+        "batch_id": run.batch_id,
+        "schedule_id": run.schedule_id,
+        "continue_when": run.continue_when,
+        "concurrency_key": run.concurrency_key,
     }
+
+
+def _iso(ts: float | None) -> str | None:
+    # The datetime insert_one's parameter gets (to_datetime), in text: both paths store the same microsecond
+    # (a schedule's fire is unique by its not_before).
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def rows_document(runs: Sequence[NewRun]) -> str:
+    """Parameter of ``insert_runs`` and ``insert_batch``: the runs as one JSON array of positional rows, in
+    insert_runs' column order."""
+    return dumps(
+        [
+            (
+                r.job,
+                r.args,
+                r.queue,
+                r.priority,
+                r.max_attempts,
+                _iso(r.not_before),
+                _iso(r.not_after),
+                r.dedup_id,
+                text_array(r.tags) if r.tags else "{}",
+                r.parent_run_id,
+                r.batch_id,
+                r.schedule_id,
+                r.continue_when,
+                r.concurrency_key,
+            )
+            for r in runs
+        ]
+    )
 
 
 def text_array(items: Sequence[str]) -> str:
@@ -94,10 +127,9 @@ def insert_plan(
         conflicts: list[int] = []
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start : start + CHUNK]
-            columns = _columns([runs[i] for i in chunk])
             single = len(chunk) == 1
             params: dict[str, Any] = {
-                **({k: v[0] for k, v in columns.items()} if single else columns),
+                **(_scalars(runs[chunk[0]]) if single else {"rows": rows_document([runs[i] for i in chunk])}),
                 "now": now,
                 "token": token,
                 "channels": ["runlane_work"],

@@ -451,14 +451,7 @@ class PostgresStore(PostgresFlow, Store):
         self, runs: Sequence[NewRun], *, parent_run_id: int | None = None
     ) -> tuple[Batch, list[Run]]:
         params: dict[str, Any] = {
-            "job": [r.job for r in runs],
-            "args": [dumps(r.args) for r in runs],
-            "queue": [r.queue for r in runs],
-            "priority": [r.priority for r in runs],
-            "max_attempts": [r.max_attempts for r in runs],
-            "not_before": [to_datetime(r.not_before) for r in runs],
-            "not_after": [to_datetime(r.not_after) for r in runs],
-            "tags": [ins.text_array(r.tags) for r in runs],
+            "rows": ins.rows_document(runs),
             "parent_run_id": parent_run_id,
             "now": self._now(),
             "token": self._token,
