@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from runlane.models import Attempt, Batch, ErrorInfo, Event, JobInfo, Run, RunStatus, to_datetime
@@ -171,25 +171,27 @@ def append_params(groups: Sequence[tuple[int, int | None, list[EventDraft]]]) ->
 
 
 def finish_params(finishes: Sequence[Finish]) -> dict[str, Any]:
-    """Parameters of ``finish_attempts`` for finishes of distinct runs."""
-    events = EventArrays()
-    cols: dict[str, list[Any]] = {
-        k: [] for k in ("run", "attempt", "outcome", "result", "error", "delay", "n", "has_progress")
-    }
-    progress: list[float | None] = []
-    message: list[str | None] = []
+    """Parameters of ``finish_attempts`` for finishes of distinct runs: the finishes and their events as
+    two JSON documents of positional rows, in the statement's column order."""
+    rows: list[tuple[Any, ...]] = []
+    events: list[tuple[Any, ...]] = []
     for f in finishes:
-        has, percent, msg = last_progress(f.events)
-        cols["run"].append(f.run_id)
-        cols["attempt"].append(f.attempt)
-        cols["outcome"].append(f.outcome)
-        cols["result"].append(dumps(f.result) if f.outcome == "succeeded" else None)
-        cols["error"].append(None if f.error is None else dumps(f.error.to_dict()))
-        cols["delay"].append(max(0.0, float(f.retry_delay)))
-        cols["n"].append(len(f.events))
-        cols["has_progress"].append(has)
-        progress.append(percent)
-        message.append(msg)
+        has, percent, message = last_progress(f.events)
+        rows.append(
+            (
+                f.run_id,
+                f.attempt,
+                f.outcome,
+                f.result if f.outcome == "succeeded" else None,
+                None if f.error is None else f.error.to_dict(),
+                max(0.0, float(f.retry_delay)),
+                len(f.events),
+                has,
+                percent,
+                message,
+            )
+        )
         for seq, draft in enumerate(f.events, 1):
-            events.add(EventDraft(f.run_id, draft.kind, draft.data, f.attempt, draft.at), seq)
-    return {**cols, "progress": progress, "message": message, **events.params()}
+            at = None if draft.at is None else datetime.fromtimestamp(draft.at, UTC).isoformat()
+            events.append((f.run_id, seq, draft.kind, at, draft.data))
+    return {"finishes": dumps(rows), "events": dumps(events)}
