@@ -271,7 +271,13 @@ async def test_single_and_bulk_inserts_store_the_same_times_and_values(pg: Postg
     """One run goes as scalar parameters, many as one JSON document: both must store the same microsecond (a
     schedule's fire is unique by its not_before) and the same arguments, tags and optional fields."""
     fire = 1_900_000_000.123457  # a time whose microseconds a text round trip could round differently
-    args = {"text": 'quote " backslash \\ unicode é ✓', "n": 2**53 + 1, "x": 0.1, "none": None, "list": [1, {}]}
+    args = {
+        "text": 'quote " backslash \\ unicode é ✓',
+        "n": 2**53 + 1,
+        "x": 0.1,
+        "none": None,
+        "list": [1, {}],
+    }
     template = NewRun(
         "job",
         args,

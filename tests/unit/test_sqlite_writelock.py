@@ -188,3 +188,45 @@ def test_failed_forced_checkpoints_back_off_for_every_process_of_the_file(
         conn.close()
         lock.close()
         other.close()
+
+
+def test_long_attempt_heartbeat_wakeups_and_replies_are_sent_after_the_write_lock_is_let_go(
+    tmp_path: Path,
+) -> None:
+    """T06 (full tier, SQLite): worker processes running 60 CPU-bound job threads each held the write lock for
+    seconds, and every other process's heartbeats waited behind it: the writer sent its wake-ups (a datagram to
+    each peer process) and its replies under the lock, and after each of those system calls it waited for the
+    GIL again. The lock now covers only the transaction."""
+    db = str(tmp_path / "w.db")
+    lock = WriteLock.open(db)
+    assert lock is not None
+    other = WriteLock(db + "-wlock")  # another process's view of the same lock
+    seen: list[bool] = []
+
+    def after_commit(topics: object) -> None:
+        free = other.acquire(0)
+        if free:
+            other.release()
+        seen.append(free)
+
+    conn = connection.connect(db, writer=True)
+    conn.execute("CREATE TABLE t (v INTEGER)")
+    writer = connection.Writer(conn, after_commit=after_commit, lock=lock)
+    replied: list[bool] = []
+
+    def op(tx: connection.Tx) -> None:
+        tx.conn.execute("INSERT INTO t VALUES (1)")
+        tx.topics.add("change")
+
+    try:
+        writer.run_blocking(op, timeout=30)
+        # The reply reached this thread after the lock was let go as well.
+        replied.append(other.acquire(0))
+        other.release()
+    finally:
+        writer.close()
+        conn.close()
+        lock.close()
+        other.close()
+    assert seen == [True], "the wake-ups were sent while the write lock was held"
+    assert replied == [True]
