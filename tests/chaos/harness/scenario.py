@@ -150,6 +150,7 @@ class Scenario:
             "backend": self.backend,
             "seed": self.seed,
             "at": _stamp(),
+            "lease_s": self.timing.lease_timeout,
             **report.figures(),
             **extra,
             **_cap_note(),
