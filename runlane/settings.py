@@ -21,6 +21,7 @@ class Settings:
     retention: timedelta | None = timedelta(days=7)
     progress_flush_interval: float = 0.5
     reaper_interval: float | None = None  # None: min(poll_interval * 2, lease_timeout / 3)
+    job_thread_nice: int = 10  # sync jobs' threads run this much nicer than the worker's own (Linux)
 
     def __post_init__(self) -> None:
         for name in ("lease_timeout", "poll_interval", "progress_flush_interval"):
@@ -28,6 +29,10 @@ class Settings:
                 raise ValueError(f"setting {name} must be positive, got {getattr(self, name)!r}")
         if self.shutdown_timeout < 0:
             raise ValueError("setting shutdown_timeout must not be negative")
+        if not 0 <= self.job_thread_nice <= 19:
+            raise ValueError(
+                f"setting job_thread_nice must be between 0 and 19, got {self.job_thread_nice!r}"
+            )
         if self.heartbeat_interval is not None and not 0 < self.heartbeat_interval < self.lease_timeout:
             raise ValueError("setting heartbeat_interval must be positive and shorter than lease_timeout")
 
@@ -72,6 +77,11 @@ def _coerce(name: str, value: Any) -> Any:
         return None
     if isinstance(value, str) and value.strip().lower() == "none":
         return None
+    if name == "job_thread_nice":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"setting {name} must be a whole number, got {value!r}") from None
     try:
         return float(value)
     except (TypeError, ValueError):

@@ -25,7 +25,7 @@ from runlane.models import Run, RunFilter, RunStatus
 from runlane.scheduler.schedules import Scheduler, sync_app
 from runlane.store import Finish, Lease, Store
 from runlane.worker.batcher import Batcher
-from runlane.worker.executor import execute_attempt
+from runlane.worker.executor import execute_attempt, lower_thread_priority
 from runlane.worker.heartbeat import Heartbeat
 from runlane.worker.signals import handle_stop_signals
 
@@ -166,7 +166,10 @@ class Worker:
         self._finisher = Batcher(lambda batch: self._flush_finishes(store, batch))
         self.scheduler = Scheduler(store, poll_interval=self.settings.poll_interval)
         self._pool = ThreadPoolExecutor(
-            max_workers=self.concurrency, thread_name_prefix=f"runlane-job-{self.id}"
+            max_workers=self.concurrency,
+            thread_name_prefix=f"runlane-job-{self.id}",
+            initializer=lower_thread_priority,
+            initargs=(self.settings.job_thread_nice,),
         )
         self._heartbeat = Heartbeat(
             store,

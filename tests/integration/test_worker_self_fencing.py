@@ -1,14 +1,18 @@
 """A worker cut off from its store fences itself: it never starts, renews or finishes an attempt whose lease
 may have passed to another worker, and it hands back runs claimed by a reply it never got. Regressions found
-by the chaos tests T04, T07 and T08 (tests/chaos)."""
+by the chaos tests T04, T06, T07 and T08 (tests/chaos)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from runlane import JobContext, Runlane, RunStatus
 from runlane.errors import StoreUnavailable
@@ -156,6 +160,34 @@ async def test_a_claim_whose_reply_was_lost_is_handed_back(make_app: Callable[..
         assert time.monotonic() - started < 5.0, "the orphaned run waited for the reaper"
         attempts = await client.attempts(run.id)
         assert [(a.number, a.status) for a in attempts] == [(1, RunStatus.SUCCEEDED)]
+    finally:
+        await client.aclose()
+        await app.aclose()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+async def test_long_attempt_heartbeat_sync_jobs_run_nicer_than_the_worker(
+    make_app: Callable[..., Runlane],
+) -> None:
+    """T06 (full tier): 60 CPU-bound sync jobs in each of three worker processes on two cores starved the
+    heartbeats, store writes and database of the host, and every lease was lost. Job threads now run
+    ``job_thread_nice`` steps nicer than the worker's own threads, which keep the CPU first."""
+    app = make_app(job_thread_nice=7)
+    seen: list[tuple[int, int]] = []
+    worker_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    @app.job
+    def probe() -> None:
+        seen.append((os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), threading.get_native_id()))
+
+    await app.migrate()
+    client = app.async_client
+    try:
+        run = await client.trigger(probe)
+        async with app.worker(concurrency=2):
+            await client.wait(run.id, timeout=30)
+        assert seen and seen[0][0] == min(worker_nice + 7, 19)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == worker_nice  # the worker's own
     finally:
         await client.aclose()
         await app.aclose()

@@ -13,6 +13,7 @@ def test_defaults() -> None:
     assert s.shutdown_timeout == 30
     assert s.retention == timedelta(days=7)
     assert s.progress_flush_interval == 0.5
+    assert s.job_thread_nice == 10
 
 
 def test_environment_then_explicit_arguments_win() -> None:
@@ -33,6 +34,11 @@ def test_bad_values_name_the_setting() -> None:
         Settings.load({}, environ={"RUNLANE_LEASE_TIMEOUT": "soon"})
     with pytest.raises(ValueError, match="heartbeat_interval"):
         Settings(lease_timeout=5, heartbeat_interval=6)
+    with pytest.raises(ValueError, match="job_thread_nice"):
+        Settings.load({}, environ={"RUNLANE_JOB_THREAD_NICE": "1.5"})
+    with pytest.raises(ValueError, match="job_thread_nice"):
+        Settings(job_thread_nice=20)
+    assert Settings.load({}, environ={"RUNLANE_JOB_THREAD_NICE": "0"}).job_thread_nice == 0
 
 
 def test_app_reads_url_and_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
