@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 def lower_thread_priority(nice: int) -> None:
     """Initializer of the job threads: make them ``nice`` steps nicer than the worker's own threads (Linux,
     where a thread has its own nice value). CPU-bound sync jobs then leave the CPU first to the heartbeat, the
-    store I/O and the database on the same host: with 60 such threads in each of three processes on two
-    cores, renewals took 12 s and every lease of the host was lost (chaos T06, full tier)."""
+    store I/O and a database on the same host: with 60 spinning job threads in a process, its heartbeat's
+    store round trip took p50 270-530 ms at the same priority and 90-190 ms with the job threads at nice 10."""
     if nice <= 0 or not sys.platform.startswith("linux"):
         return
     tid = threading.get_native_id()

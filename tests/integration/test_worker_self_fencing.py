@@ -170,8 +170,9 @@ async def test_long_attempt_heartbeat_sync_jobs_run_nicer_than_the_worker(
     make_app: Callable[..., Runlane],
 ) -> None:
     """T06 (full tier): 60 CPU-bound sync jobs in each of three worker processes on two cores starved the
-    heartbeats, store writes and database of the host, and every lease was lost. Job threads now run
-    ``job_thread_nice`` steps nicer than the worker's own threads, which keep the CPU first."""
+    heartbeats and store writes of every process on the host. Job threads now run ``job_thread_nice`` steps
+    nicer than the worker's own threads, which get the CPU first (it shortens renewals; RELIABILITY.md says
+    what is left)."""
     app = make_app(job_thread_nice=7)
     seen: list[tuple[int, int]] = []
     worker_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import os
 import queue
 import sqlite3
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -57,38 +55,6 @@ WAL_CHECK_INTERVAL_S = 0.1
 CONNECT_HOOKS: list[Callable[[sqlite3.Connection, bool], None]] = []
 """Called as ``hook(conn, writer)`` with every connection ``connect`` opens, after its pragmas. A test seam:
 the chaos tests audit through it that every writing transaction starts ``BEGIN IMMEDIATE``."""
-
-
-LOCKED_SWITCH_INTERVAL = 0.0001
-"""GIL slice (seconds) while this process waits for or holds the file's write lock (see short_gil_slices)."""
-_slices_lock = threading.Lock()
-_slices_depth = 0
-_slices_saved = 0.0
-
-
-@contextlib.contextmanager
-def short_gil_slices() -> Iterator[None]:
-    """Short GIL slices for this process while its writer waits for and holds the write lock.
-
-    Every step of a write (the lock hand-over, BEGIN, each statement, COMMIT) is a call that lets the GIL go,
-    after which the writer thread must win it back: among N threads running CPU-bound sync jobs that takes
-    about N slices each time. With 60 such threads and 1 ms slices one transaction held the lock for
-    seconds, and every other process of the file waited, heartbeats included (chaos T06, full tier). Slices
-    of 0.1 ms make each step cost milliseconds; the writes are short, so the jobs barely notice.
-    """
-    global _slices_depth, _slices_saved
-    with _slices_lock:
-        if _slices_depth == 0:
-            _slices_saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(_slices_saved, LOCKED_SWITCH_INTERVAL))
-        _slices_depth += 1
-    try:
-        yield
-    finally:
-        with _slices_lock:
-            _slices_depth -= 1
-            if _slices_depth == 0:
-                sys.setswitchinterval(_slices_saved)
 
 
 def connect(path: str, *, writer: bool, uri: bool = False) -> sqlite3.Connection:
@@ -321,19 +287,18 @@ class Writer:
 
     def _run_group(self, group: list[_Op[Any]]) -> None:
         lock = self._wlock
-        with short_gil_slices():
-            if lock is not None and not lock.acquire(BUSY_TIMEOUT_MS / 1000):
-                seconds = BUSY_TIMEOUT_MS // 1000
-                err = StoreUnavailable(
-                    f"SQLite write lock not obtained within {seconds} s (another process holds it)"
-                )
-                self._deliver([(op, None, err) for op in group])
-                return
-            try:
-                outcomes, topics = self._transact(group)
-            finally:
-                if lock is not None:
-                    lock.release()
+        if lock is not None and not lock.acquire(BUSY_TIMEOUT_MS / 1000):
+            seconds = BUSY_TIMEOUT_MS // 1000
+            err = StoreUnavailable(
+                f"SQLite write lock not obtained within {seconds} s (another process holds it)"
+            )
+            self._deliver([(op, None, err) for op in group])
+            return
+        try:
+            outcomes, topics = self._transact(group)
+        finally:
+            if lock is not None:
+                lock.release()
         # Wake-ups and replies only once the lock is let go: each is a system call (a datagram per peer
         # process, a write to each caller's loop) after which this thread must win the GIL back. In a process
         # whose job threads fight for the GIL that takes a scheduling round each, and doing them under the
