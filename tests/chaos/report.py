@@ -36,9 +36,24 @@ STANDARD = {key for key, _ in COLUMNS} | {
 }
 
 
+def figure(value: object) -> str:
+    """A figure for a table cell: a list (per-fault timings, say) becomes its length and largest value."""
+    if isinstance(value, list):
+        last = [item[-1] if isinstance(item, list) and item else item for item in value]
+        numbers = [x for x in last if isinstance(x, int | float)]
+        return f"{len(value)} (max {max(numbers):.3g})" if numbers else str(len(value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def row(r: dict[str, object]) -> str:
     cells = ["" if r.get(key) is None else str(r.get(key)) for key, _ in COLUMNS]
-    other = ", ".join(f"{k}={v}" for k, v in r.items() if k not in STANDARD and k != "max_overlap")
+    other = ", ".join(
+        f"{k}={figure(v)}" for k, v in r.items() if k not in STANDARD and k not in ("max_overlap", "lease_s")
+    )
+    if r.get("lease_s") is not None:
+        other = f"lease {r['lease_s']:g} s" + (", " + other if other else "")
     return f"| {r['test']} | {r['backend']} | " + " | ".join(cells) + f" | {other} | {r.get('at') or ''} |"
 
 
