@@ -17,6 +17,9 @@ from harness.scenario import Scenario, scale
 from runlane import Client, Run
 
 SLACK = 1.0
+# Long enough to still be running when the cancel comes: a full-scale tree (11,110 runs, triggered one by one)
+# takes over a minute to build. The cancel stops them; nothing waits for them to end on their own.
+RUNNING_MS = scale(30_000, 600_000)
 
 
 def _kill_listeners(url: str) -> int:
@@ -36,9 +39,9 @@ def _children(scenario: Scenario, client: Client, parent: Run, fanout: int, tag:
         kind = kinds[i % len(kinds)]
         child = client.with_parent(parent.id)
         if kind == "sync":
-            run = child.trigger("ledger_probe", {"key": key, "duration_ms": 30_000})
+            run = child.trigger("ledger_probe", {"key": key, "duration_ms": RUNNING_MS})
         elif kind == "async":
-            run = child.trigger("ledger_probe_async", {"key": key, "duration_ms": 30_000})
+            run = child.trigger("ledger_probe_async", {"key": key, "duration_ms": RUNNING_MS})
         elif kind == "scheduled":
             run = child.trigger(
                 "ledger_probe", {"key": key, "duration_ms": 10}, not_before=timedelta(seconds=120)
@@ -59,7 +62,7 @@ def test_cancel_cascade_chaos(scenario: Scenario) -> None:
     worst_cascade = worst_stop = 0.0
     for t in range(trees):
         key = f"root{t}"
-        root = client.trigger("ledger_probe", {"key": key, "duration_ms": 60_000})
+        root = client.trigger("ledger_probe", {"key": key, "duration_ms": 2 * RUNNING_MS})
         scenario.clientlog.ops.append(Op(key, root.job, time.time(), time.time(), "ok", root.id))
         tree, frontier = [root], [root]
         for _ in range(levels):
