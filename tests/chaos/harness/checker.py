@@ -214,6 +214,23 @@ def _kill_time(execution: Execution, faults: Sequence[Fault]) -> float | None:
     return min(times, default=None)
 
 
+def _stopped_between(pid: int, start: float, end: float, faults: Sequence[Fault]) -> float:
+    """Seconds process ``pid`` spent paused between ``start`` and ``end``: a zombie executes nothing then (the
+    full tier's nemesis pauses the same worker again before it has noticed its first lost lease)."""
+    spans = sorted(
+        (max(f.t_start, start), min(f.until if f.t_end is not None else end, end))
+        for f in faults
+        if f.kind == "pause" and f.pid == pid and f.t_start < end and (f.t_end is None or f.t_end > start)
+    )
+    total, reach = 0.0, start
+    for lo, hi in spans:
+        lo = max(lo, reach)
+        if hi > lo:
+            total += hi - lo
+            reach = hi
+    return total
+
+
 def _clip_zombie(
     e: Execution, end: float, faults: Sequence[Fault], state: StoreState, report: Report
 ) -> float:
@@ -226,7 +243,7 @@ def _clip_zombie(
         attempt = next((a for a in state.attempts.get(e.run_id, []) if a.number == e.attempt), None)
         if attempt is None or attempt.error is None or attempt.error.type != WORKER_LOST:
             continue
-        tail = max(end - f.until, 0.0)
+        tail = max(end - f.until - _stopped_between(e.pid, f.until, end, faults), 0.0)
         if tail >= report.extra.get("zombie_tail_max_s", 0.0):
             report.extra["zombie_tail_max_s"] = tail
             report.extra["zombie_tail_case"] = f"{e} paused {f.t_start:.3f}-{f.until:.3f} end {end:.3f}"
