@@ -50,7 +50,9 @@ def figure(value: object) -> str:
 def row(r: dict[str, object]) -> str:
     cells = ["" if r.get(key) is None else str(r.get(key)) for key, _ in COLUMNS]
     other = ", ".join(
-        f"{k}={figure(v)}" for k, v in r.items() if k not in STANDARD and k not in ("max_overlap", "lease_s")
+        f"{k}={figure(v)}"
+        for k, v in r.items()
+        if k not in STANDARD and k not in ("max_overlap", "lease_s") and not k.endswith("_case")
     )
     if r.get("lease_s") is not None:
         other = f"lease {r['lease_s']:g} s" + (", " + other if other else "")
