@@ -287,7 +287,10 @@ class Writer:
 
     def _run_group(self, group: list[_Op[Any]]) -> None:
         lock = self._wlock
-        if lock is not None and not lock.acquire(BUSY_TIMEOUT_MS / 1000):
+        if lock is None:
+            self._transact(group)
+            return
+        if not lock.acquire(BUSY_TIMEOUT_MS / 1000):
             seconds = BUSY_TIMEOUT_MS // 1000
             err = StoreUnavailable(
                 f"SQLite write lock not obtained within {seconds} s (another process holds it)"
@@ -295,21 +298,11 @@ class Writer:
             self._deliver([(op, None, err) for op in group])
             return
         try:
-            outcomes, topics = self._transact(group)
+            self._transact(group)
         finally:
-            if lock is not None:
-                lock.release()
-        # Wake-ups and replies only once the lock is let go: each is a system call (a datagram per peer
-        # process, a write to each caller's loop) after which this thread must win the GIL back. In a process
-        # whose job threads fight for the GIL that takes a scheduling round each, and doing them under the
-        # lock held every other writer of the file for seconds (chaos T06, full tier).
-        self._signal(topics)
-        self._deliver(outcomes)
+            lock.release()
 
-    def _transact(
-        self, group: list[_Op[Any]]
-    ) -> tuple[list[tuple[_Op[Any], Any, BaseException | None]], set[Topic]]:
-        """Run the group in one transaction; each operation's outcome and the topics of what committed."""
+    def _transact(self, group: list[_Op[Any]]) -> None:
         conn = self.conn
         outcomes: list[tuple[_Op[Any], Any, BaseException | None]] = []
         topics: set[Topic] = set()
@@ -317,7 +310,8 @@ class Writer:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             err = store_error(exc)
-            return [(op, None, err) for op in group], set()
+            self._deliver([(op, None, err) for op in group])
+            return
         single = len(group) == 1  # no savepoint needed: the transaction itself is the op's rollback scope
         try:
             for op in group:
@@ -349,8 +343,10 @@ class Writer:
                 except sqlite3.Error:
                     pass
             err = store_error(exc)
-            return [(op, None, err) for op in group], set()
-        return outcomes, topics
+            self._deliver([(op, None, err) for op in group])
+            return
+        self._signal(topics)
+        self._deliver(outcomes)
 
     def _signal(self, topics: set[Topic]) -> None:
         # Before results are delivered, so a caller that sees its result also sees the generation moved.
