@@ -76,8 +76,6 @@ def kept_rows(block: str) -> dict[tuple[str, str], str]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if not line.startswith("| ") or cells[0] in {"test", ""} or set(cells[0]) <= {"-"}:
             continue
-        if len(cells) == len(COLUMNS) + 3:  # written before rows carried their date
-            line = line.rstrip() + "  |"
         rows[(cells[0], cells[1])] = line.rstrip()
     return rows
 

@@ -13,7 +13,7 @@ is inserted again in the next round, in the same transaction.
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, LiteralString
 
 import psycopg
@@ -24,7 +24,7 @@ from runlane.models import Run, RunStatus, to_datetime
 from runlane.serialization import dumps
 from runlane.store.base import ConflictPolicy, NewRun
 from runlane.store.postgres.queries import Q
-from runlane.store.postgres.rows import run_from_row
+from runlane.store.postgres.rows import iso_time, run_from_row
 
 CHUNK = 5000
 """Runs per INSERT statement: thousands per round trip, bounded parameter size."""
@@ -55,12 +55,6 @@ def _scalars(run: NewRun) -> dict[str, Any]:
     }
 
 
-def _iso(ts: float | None) -> str | None:
-    # The datetime insert_one's parameter gets (to_datetime), in text: both paths store the same microsecond
-    # (a schedule's fire is unique by its not_before).
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
-
-
 def rows_document(runs: Sequence[NewRun]) -> str:
     """Parameter of ``insert_runs`` and ``insert_batch``: the runs as one JSON array of positional rows, in
     insert_runs' column order."""
@@ -72,10 +66,10 @@ def rows_document(runs: Sequence[NewRun]) -> str:
                 r.queue,
                 r.priority,
                 r.max_attempts,
-                _iso(r.not_before),
-                _iso(r.not_after),
+                iso_time(r.not_before),
+                iso_time(r.not_after),
                 r.dedup_id,
-                text_array(r.tags) if r.tags else "{}",
+                text_array(r.tags),
                 r.parent_run_id,
                 r.batch_id,
                 r.schedule_id,

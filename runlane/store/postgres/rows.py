@@ -170,6 +170,12 @@ def append_params(groups: Sequence[tuple[int, int | None, list[EventDraft]]]) ->
     }
 
 
+def iso_time(ts: float | None) -> str | None:
+    """An epoch time as the text of the datetime psycopg would send (``to_datetime``), for JSON parameters:
+    both paths store the same microsecond (a schedule's fire is unique by its not_before)."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
 def finish_params(finishes: Sequence[Finish]) -> dict[str, Any]:
     """Parameters of ``finish_attempts`` for finishes of distinct runs: the finishes and their events as
     two JSON documents of positional rows, in the statement's column order."""
@@ -192,6 +198,5 @@ def finish_params(finishes: Sequence[Finish]) -> dict[str, Any]:
             )
         )
         for seq, draft in enumerate(f.events, 1):
-            at = None if draft.at is None else datetime.fromtimestamp(draft.at, UTC).isoformat()
-            events.append((f.run_id, seq, draft.kind, at, draft.data))
+            events.append((f.run_id, seq, draft.kind, iso_time(draft.at), draft.data))
     return {"finishes": dumps(rows), "events": dumps(events)}

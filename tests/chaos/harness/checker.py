@@ -218,7 +218,7 @@ def _stopped_between(pid: int, start: float, end: float, faults: Sequence[Fault]
     """Seconds process ``pid`` spent paused between ``start`` and ``end``: a zombie executes nothing then (the
     full tier's nemesis pauses the same worker again before it has noticed its first lost lease)."""
     spans = sorted(
-        (max(f.t_start, start), min(f.until if f.t_end is not None else end, end))
+        (max(f.t_start, start), min(f.t_end if f.t_end is not None else end, end))
         for f in faults
         if f.kind == "pause" and f.pid == pid and f.t_start < end and (f.t_end is None or f.t_end > start)
     )

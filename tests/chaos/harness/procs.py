@@ -19,7 +19,8 @@ HARNESS_ROOT = Path(__file__).resolve().parent.parent  # tests/chaos: makes ``ha
 APP = "harness.chaos_app:app"
 
 
-_FULL = os.environ.get("RUNLANE_CHAOS_TIER", "smoke").lower() == "full"  # see scenario.FULL
+FULL = os.environ.get("RUNLANE_CHAOS_TIER", "smoke").lower() == "full"
+"""The full tier (``make chaos``) rather than CI's smoke scale."""
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class Timing:
     """Lease settings for a chaos run: the plan's, lease 5 s and heartbeat 1 s, in the full tier; its CI tier's,
     lease 2 s and heartbeat 0.5 s, in smoke runs. A test may set its own (T07's lease outlives a restart)."""
 
-    lease_timeout: float = 5.0 if _FULL else 2.0
-    heartbeat_interval: float = 1.0 if _FULL else 0.5
+    lease_timeout: float = 5.0 if FULL else 2.0
+    heartbeat_interval: float = 1.0 if FULL else 0.5
     reaper_interval: float = 1.0
     poll_interval: float = 0.5
     shutdown_timeout: float = 3.0

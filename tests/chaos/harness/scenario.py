@@ -17,10 +17,9 @@ from harness.checker import Report, StoreState, check, read_store, wait_all_term
 from harness.clientlog import ClientLog
 from harness.faults import FaultLog
 from harness.ledger import Ledger
-from harness.procs import Timing, WorkerPool, chaos_env, migrate
+from harness.procs import FULL, Timing, WorkerPool, chaos_env, migrate
 from runlane import Client, Runlane
 
-FULL = os.environ.get("RUNLANE_CHAOS_TIER", "smoke").lower() == "full"
 RESULTS_DIR = Path(
     os.environ.get("RUNLANE_CHAOS_RESULTS", Path(__file__).resolve().parents[3] / "chaos-results")
 )
