@@ -21,7 +21,7 @@ class Settings:
     retention: timedelta | None = timedelta(days=7)
     progress_flush_interval: float = 0.5
     reaper_interval: float | None = None  # None: min(poll_interval * 2, lease_timeout / 3)
-    job_thread_nice: int = 10  # sync jobs' threads run this much nicer than the worker's own (Linux)
+    job_thread_nice: int = 0  # sync jobs' threads run this much nicer than the worker's own (Linux)
 
     def __post_init__(self) -> None:
         for name in ("lease_timeout", "poll_interval", "progress_flush_interval"):
