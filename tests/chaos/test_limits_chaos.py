@@ -14,11 +14,12 @@ import time
 
 from harness.faults import Fault
 from harness.procs import WorkerSlot
-from harness.scenario import Scenario, every, scale
+from harness.scenario import Scenario, scale
 
 LIMITS = {"job:solo_probe": 1, "job:limited_probe": 5, "queue:limited_q": 10}
 RATE = 50
 SLACK = 1.0
+STRIKE_EVERY = 2.5
 
 
 def _max_in_window(times: list[float], window: float) -> int:
@@ -46,10 +47,10 @@ def test_limits_under_chaos(scenario: Scenario) -> None:
     pool = scenario.pool(4, concurrency=8, restart_delay=0.5)
     resumers: list[threading.Thread] = []
 
-    def strike() -> None:
+    def strike() -> bool:
         live = pool.live()
         if len(live) < 2:
-            return
+            return False
         victim, sleeper = rng.sample(live, 2)
         pool.kill(victim, "limits chaos")
         fault = pool.pause(sleeper, "2 x lease")
@@ -62,11 +63,19 @@ def test_limits_under_chaos(scenario: Scenario) -> None:
             thread = threading.Thread(target=wake, daemon=True)
             thread.start()
             resumers.append(thread)
+        return True
 
+    # Strike every STRIKE_EVERY seconds and also at fixed points of the backlog's progress: a fast machine
+    # drains the smoke backlog in a few seconds, and the nemesis must still hit runs in flight.
+    milestones = [int(total * share) for share in (0.1, 0.35, 0.6)]
     deadline = time.time() + scale(120, 1800)
-    with every(2.5, strike, rng=rng):
-        while time.time() < deadline and scenario.ledger.count() < total:
-            time.sleep(0.5)
+    last_strike = time.time()
+    while time.time() < deadline and (done := scenario.ledger.count()) < total:
+        due = time.time() - last_strike >= STRIKE_EVERY or (milestones and done >= milestones[0])
+        if due and strike():
+            last_strike = time.time()
+            milestones = [m for m in milestones if m > done]
+        time.sleep(0.1)
     for thread in resumers:
         thread.join()
     recovered = scenario.wait_terminal(120.0)

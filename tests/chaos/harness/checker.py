@@ -398,7 +398,7 @@ def check(
             if attempt.error is not None and attempt.error.type in {"InvalidArguments", "JobNotFound"}:
                 continue
             report.accounting.append(
-                f"run {run_id}: attempt {attempt.number} ({attempt.status.value}) has no ledger execution"
+                f"run {run_id}: attempt {attempt.number} ({attempt.status.value}, {attempt.error}) has no ledger execution"
             )
 
     # legality -------------------------------------------------------------------------------------------------------

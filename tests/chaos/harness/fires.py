@@ -211,8 +211,10 @@ class Plan:
     t: float
 
 
-def _plans_conn(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+def _plans_conn(ledger_dir: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        Path(ledger_dir) / "plans.db", timeout=60, isolation_level=None, check_same_thread=False
+    )
     conn.execute("PRAGMA journal_mode=WAL")
     conn.executescript(_PLANS_SCHEMA)
     return conn

@@ -1,9 +1,11 @@
 """The execution ledger: what job bodies actually did, recorded outside the Runlane store.
 
 Each execution appends a row before the job does anything and stamps its end when the body returns, so a
-killed worker leaves an open row. The file is SQLite in WAL mode with ``synchronous=FULL`` and shared by every
-worker process; timestamps are wall-clock seconds (all processes run on one host), comparable with the
-nemesis log and the client log.
+killed worker leaves an open row. The ledger is a directory with one SQLite file (WAL, ``synchronous=FULL``)
+per process: a SIGSTOPped worker caught mid-write holds only its own file's lock, so it can never stall the
+other workers' job bodies (with one shared file, it stalled them for the whole pause and their bodies looked
+like zombies running on). Timestamps are wall-clock seconds (all processes run on one host), comparable with
+the nemesis log and the client log.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 
 from harness.skew import real_time  # true time even in a process whose clock the test skews
 
-ENV = "CHAOS_LEDGER"
+ENV = "CHAOS_LEDGER"  # the ledger directory
+_SUFFIX = ".exec.db"
+_ROWS_PER_PID = 10**9
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -51,30 +55,60 @@ class Execution:
     scheduled_at: float | None
 
 
+_CREATING = threading.Lock()
+
+
+def _create(file: Path) -> None:
+    """Build a shard under a temporary name and move it into place: a reader listing the directory never
+    opens a file without its table, and no two connections race to create the schema."""
+    building = file.with_name(file.name + ".new")
+    building.unlink(missing_ok=True)
+    conn = sqlite3.connect(building, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)
+    finally:
+        conn.close()
+    building.rename(file)
+
+
 class Ledger:
-    """Thread-safe (one connection per thread) and multi-process safe (SQLite locking, long busy timeout)."""
+    """Thread-safe (one connection per thread and file) and multi-process safe (a file per writing process).
+
+    An execution's ``id`` is unique across the directory: the writer's pid and its row id in that file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        Path(self.path).mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._connect() as conn:
-            conn.executescript(_SCHEMA)
 
     @classmethod
     def from_env(cls) -> Ledger:
         return cls(os.environ[ENV])
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+    def _conn(self, file: Path) -> sqlite3.Connection:
+        conns: dict[Path, sqlite3.Connection] | None = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(file)
+        if conn is None:
+            conn = conns[file] = sqlite3.connect(
+                file, timeout=60, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA synchronous=FULL")
         return conn
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        return conn
+    def _own(self) -> tuple[int, sqlite3.Connection]:
+        pid = os.getpid()
+        file = Path(self.path) / f"{pid}{_SUFFIX}"
+        with _CREATING:
+            if not file.exists():
+                _create(file)
+        return pid, self._conn(file)
+
+    def _shards(self) -> list[tuple[int, sqlite3.Connection]]:
+        files = sorted(Path(self.path).glob(f"*{_SUFFIX}"))
+        return [(int(f.name.removesuffix(_SUFFIX)), self._conn(f)) for f in files]
 
     def start(
         self,
@@ -86,32 +120,41 @@ class Ledger:
         worker_id: str | None,
         scheduled_at: float | None = None,
     ) -> int:
-        cur = self._conn().execute(
+        pid, conn = self._own()
+        cur = conn.execute(
             "INSERT INTO executions (run_id, attempt, job, key, worker_id, pid, t_start, scheduled_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (run_id, attempt, job, key, worker_id, os.getpid(), real_time(), scheduled_at),
+            (run_id, attempt, job, key, worker_id, pid, real_time(), scheduled_at),
         )
         assert cur.lastrowid is not None
-        return cur.lastrowid
+        return pid * _ROWS_PER_PID + cur.lastrowid
 
     def end(self, execution_id: int, outcome: str) -> None:
-        self._conn().execute(
-            "UPDATE executions SET t_end = ?, outcome = ? WHERE id = ?", (real_time(), outcome, execution_id)
+        pid, conn = self._own()
+        assert execution_id // _ROWS_PER_PID == pid, "an execution ends in the process that started it"
+        conn.execute(
+            "UPDATE executions SET t_end = ?, outcome = ? WHERE id = ?",
+            (real_time(), outcome, execution_id % _ROWS_PER_PID),
         )
 
     def executions(self) -> list[Execution]:
-        rows = self._conn().execute(
-            "SELECT id, run_id, attempt, job, key, worker_id, pid, t_start, t_end, outcome, scheduled_at"
-            " FROM executions ORDER BY t_start, id"
-        )
-        return [Execution(*row) for row in rows]
+        rows: list[Execution] = []
+        for pid, conn in self._shards():
+            for row in conn.execute(
+                "SELECT id, run_id, attempt, job, key, worker_id, pid, t_start, t_end, outcome, scheduled_at"
+                " FROM executions"
+            ):
+                rows.append(Execution(pid * _ROWS_PER_PID + row[0], *row[1:]))
+        rows.sort(key=lambda e: (e.t_start, e.id))
+        return rows
 
     def count(self) -> int:
-        row = self._conn().execute("SELECT count(*) FROM executions").fetchone()
-        return int(row[0])
+        return sum(
+            int(conn.execute("SELECT count(*) FROM executions").fetchone()[0]) for _, conn in self._shards()
+        )
 
     def close(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
+        conns: dict[Path, sqlite3.Connection] | None = getattr(self._local, "conns", None)
+        for conn in (conns or {}).values():
             conn.close()
-            self._local.conn = None
+        self._local.conns = {}

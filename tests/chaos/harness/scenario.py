@@ -84,7 +84,7 @@ class Scenario:
 
     def __post_init__(self) -> None:
         _capped.clear()
-        self.ledger = Ledger(self.workdir / "ledger.db")
+        self.ledger = Ledger(self.workdir / "ledger")
         self.random = random.Random(self.seed)
 
     def env(self, **extra: str) -> dict[str, str]:
