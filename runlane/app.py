@@ -69,6 +69,7 @@ class Runlane:
         overlap: str = "skip",
         misfire: str = "latest",
         max_catch_up: int = 100,
+        executor: str = "thread",
     ) -> Callable[[Callable[P, R]], Job[P, R]]: ...
 
     def job(
@@ -90,6 +91,7 @@ class Runlane:
         overlap: str = "skip",
         misfire: str = "latest",
         max_catch_up: int = 100,
+        executor: str = "thread",
     ) -> Any:
         """Register a function as a job, with or without options."""
 
@@ -109,6 +111,7 @@ class Runlane:
                 overlap=overlap,
                 misfire=misfire,
                 max_catch_up=max_catch_up,
+                executor=executor,
             )
             if options.name in self.jobs:
                 raise ValueError(f"a job named {options.name!r} is already registered")

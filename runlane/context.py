@@ -66,6 +66,7 @@ class JobContext:
         self._run = run
         self._buffer = buffer if buffer is not None else EventBuffer()
         self._cancelled = threading.Event()
+        self._cancel_hooks: list[Callable[[], None]] = []
         self._client: Client | None = None
         self._async_client: AsyncClient | None = None
         try:  # the worker's loop: sync jobs reach the store through it (ctx.inputs())
@@ -140,6 +141,14 @@ class JobContext:
 
     def _cancel(self) -> None:
         self._cancelled.set()
+        for hook in self._cancel_hooks:
+            hook()
+
+    def _on_cancel(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` when the attempt is cancelled (at once if it already is): a job process's flag."""
+        self._cancel_hooks.append(hook)
+        if self._cancelled.is_set():
+            hook()
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 

@@ -30,6 +30,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+EXECUTORS = frozenset({"thread", "process"})  # where a sync job runs: a worker thread or a job process
+
+
 @dataclass(frozen=True, slots=True)
 class JobOptions:
     name: str
@@ -46,6 +49,7 @@ class JobOptions:
     overlap: str = "skip"
     misfire: str = "latest"
     max_catch_up: int = 100
+    executor: str = "thread"
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -55,6 +59,10 @@ class JobOptions:
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"job {self.name!r}: timeout must be positive")
         check_max_concurrency(self.max_concurrency, f"job {self.name!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"job {self.name!r}: executor must be one of {sorted(EXECUTORS)}, got {self.executor!r}"
+            )
         if self.concurrency_key is not None and not (
             (isinstance(self.concurrency_key, str) and self.concurrency_key) or callable(self.concurrency_key)
         ):
@@ -162,6 +170,15 @@ class Job(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(func)
         self.is_async_generator = inspect.isasyncgenfunction(func)
         self.is_generator = inspect.isgeneratorfunction(func)
+        if options.executor == "process":
+            if self.is_async or self.is_async_generator:
+                raise ValueError(
+                    f"job {options.name!r}: executor='process' runs sync functions; an async job runs on the "
+                    "worker's event loop"
+                )
+            from runlane.worker.job_processes import job_reference
+
+            job_reference(func)
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
 

@@ -22,6 +22,7 @@ class Settings:
     progress_flush_interval: float = 0.5
     reaper_interval: float | None = None  # None: min(poll_interval * 2, lease_timeout / 3)
     job_thread_nice: int = 0  # sync jobs' threads run this much nicer than the worker's own (Linux)
+    job_processes: int | None = None  # processes for executor="process" jobs; None: the worker's concurrency
 
     def __post_init__(self) -> None:
         for name in ("lease_timeout", "poll_interval", "progress_flush_interval"):
@@ -33,6 +34,8 @@ class Settings:
             raise ValueError(
                 f"setting job_thread_nice must be between 0 and 19, got {self.job_thread_nice!r}"
             )
+        if self.job_processes is not None and self.job_processes < 1:
+            raise ValueError(f"setting job_processes must be at least 1, got {self.job_processes!r}")
         if self.heartbeat_interval is not None and not 0 < self.heartbeat_interval < self.lease_timeout:
             raise ValueError("setting heartbeat_interval must be positive and shorter than lease_timeout")
 
@@ -77,7 +80,7 @@ def _coerce(name: str, value: Any) -> Any:
         return None
     if isinstance(value, str) and value.strip().lower() == "none":
         return None
-    if name == "job_thread_nice":
+    if name in {"job_thread_nice", "job_processes"}:
         try:
             return int(value)
         except (TypeError, ValueError):

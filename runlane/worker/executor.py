@@ -20,6 +20,7 @@ from runlane.errors import InvalidArguments, JobTimeout, NonRetryable
 from runlane.models import ErrorInfo
 from runlane.serialization import NotSerializable, to_jsonable
 from runlane.store import Finish
+from runlane.worker.job_processes import JobProcesses, unwrap
 
 log = logging.getLogger("runlane.worker")
 
@@ -68,9 +69,16 @@ def _drain_stream(stream: Iterator[Any], ctx: JobContext) -> int:
 
 
 def _start_body(
-    job: Job[Any, Any], kwargs: dict[str, Any], ctx: JobContext, pool: ThreadPoolExecutor
+    job: Job[Any, Any],
+    kwargs: dict[str, Any],
+    ctx: JobContext,
+    pool: ThreadPoolExecutor,
+    processes: JobProcesses | None,
 ) -> asyncio.Future[Any]:
     loop = asyncio.get_running_loop()
+    if job.options.executor == "process":
+        assert processes is not None, "a worker running process jobs has job processes"
+        return processes.submit(job, ctx)  # arguments are decoded again in the job process
     if job.is_async_generator:
         return asyncio.ensure_future(_drain_async_stream(job.func(**kwargs), ctx))
     if job.is_async:
@@ -88,7 +96,10 @@ def _start_body(
 
 
 async def execute_attempt(
-    job: Job[Any, Any], active: ActiveAttempt, pool: ThreadPoolExecutor
+    job: Job[Any, Any],
+    active: ActiveAttempt,
+    pool: ThreadPoolExecutor,
+    processes: JobProcesses | None = None,
 ) -> Finish | None:
     run, ctx = active.run, active.ctx
     try:
@@ -98,7 +109,7 @@ async def execute_attempt(
     if job.spec.context_param is not None:
         kwargs[job.spec.context_param] = ctx
     try:
-        body = active.body = _start_body(job, kwargs, ctx, pool)
+        body = active.body = _start_body(job, kwargs, ctx, pool, processes)
     except Exception as exc:  # the call itself raised before a coroutine existed (sync wrappers)
         return _failed(job, active, exc, error_info(exc))
     done, _ = await asyncio.wait({body}, timeout=job.options.timeout)
@@ -118,7 +129,8 @@ async def execute_attempt(
         return _failed(job, active, inner, ErrorInfo("CancelledError", str(inner)))
     raised = body.exception()
     if raised is not None:
-        return _failed(job, active, raised, error_info(raised))
+        raised, error = unwrap(raised)
+        return _failed(job, active, raised, error or error_info(raised))
     try:
         result = to_jsonable(body.result())
     except NotSerializable as not_json:

@@ -26,12 +26,14 @@ class Heartbeat:
         lease_timeout: float,
         interval: float,
         on_lost: Callable[[set[int]], None],
+        on_renewed: Callable[[set[int], float], None] | None = None,
     ) -> None:
         self._store = store
         self._worker_id = worker_id
         self._lease_timeout = lease_timeout
         self._interval = interval
         self._on_lost = on_lost
+        self._on_renewed = on_renewed
         self._lock = threading.Lock()
         self._leases: dict[int, Lease] = {}
         self._renewed: dict[int, float] = {}
@@ -65,6 +67,11 @@ class Heartbeat:
         with self._lock:
             self._leases[lease.run_id] = lease
             self._renewed[lease.run_id] = time.monotonic() if renewed_at is None else renewed_at
+
+    def renewed_at(self, run_id: int) -> float | None:
+        """When the store last renewed this lease (monotonic); None once it is no longer held."""
+        with self._lock:
+            return self._renewed.get(run_id)
 
     def remove(self, run_id: int) -> None:
         with self._lock:
@@ -125,6 +132,8 @@ class Heartbeat:
                     if run_id in self._renewed:
                         self._renewed[run_id] = renewed
             lost = {lease.run_id for lease in leases} - held
+            if self._on_renewed is not None and held:
+                self._on_renewed(held, renewed)
         finally:
             self._beat_started = None
             took = time.monotonic() - started

@@ -27,6 +27,7 @@ from runlane.store import Finish, Lease, Store
 from runlane.worker.batcher import Batcher
 from runlane.worker.executor import execute_attempt, lower_thread_priority
 from runlane.worker.heartbeat import Heartbeat
+from runlane.worker.job_processes import JobProcesses
 from runlane.worker.signals import handle_stop_signals
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class Worker:
         self._heartbeat: Heartbeat | None = None
         self._finisher: Batcher[Finish, bool] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._processes: JobProcesses | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
@@ -171,12 +173,23 @@ class Worker:
             initializer=lower_thread_priority,
             initargs=(self.settings.job_thread_nice,),
         )
-        self._heartbeat = Heartbeat(
+        processes = None
+        if any(self.app.jobs[name].options.executor == "process" for name in self.job_names):
+            processes = self._processes = JobProcesses(
+                self.app,
+                processes=self.settings.job_processes or self.concurrency,
+                flags=self.concurrency * 4,
+                nice=self.settings.job_thread_nice,
+                lease_timeout=self.settings.lease_timeout,
+                renewed_at=lambda run_id: heartbeat.renewed_at(run_id),
+            )
+        heartbeat = self._heartbeat = Heartbeat(
             store,
             self.id,
             lease_timeout=self.settings.lease_timeout,
             interval=self.settings.effective_heartbeat_interval,
             on_lost=self._lost_from_thread,
+            on_renewed=processes.renewed if processes is not None else None,
         )
         self._heartbeat.start()
         await self._housekeep(store)  # runs orphaned while no worker was up come back before we claim
@@ -213,6 +226,8 @@ class Worker:
             await asyncio.gather(*side_tasks, *late, return_exceptions=True)
             self._heartbeat.stop()
             self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._processes is not None:
+                await asyncio.to_thread(self._processes.close)
             try:
                 await store.deregister_worker(self.id)
             except Exception as exc:  # the store may be the reason we are stopping
@@ -436,7 +451,7 @@ class Worker:
         try:
             if not await self._still_leased(active):
                 return
-            outcome = await execute_attempt(job, active, self._pool)
+            outcome = await execute_attempt(job, active, self._pool, self._processes)
             if outcome is None or active.lost or active.released:
                 return
             async with self._flush_lock:  # events of an in-flight flush must land before the end

@@ -1,6 +1,8 @@
 """T06 long_attempt_heartbeat: jobs that hog their thread (CPU-bound sync job) or block the event loop (an
 async job calling ``time.sleep``) for 10 x lease are never reclaimed, because heartbeats come from a thread the
-job cannot block. A second variant freezes the heartbeat component of one worker and shows that its runs are
+job cannot block. CPU-bound sync jobs run where the plan's load needs them: most in job processes
+(``executor="process"``, 60 per worker at full scale: in worker threads they starved the heartbeat of the
+GIL), a few in worker threads (as many per worker as the machine has cores, the size the guide advises). A second variant freezes the heartbeat component of one worker and shows that its runs are
 reclaimed within lease + 2 s: the detector still works."""
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ def test_long_attempt_heartbeat(scenario: Scenario) -> None:
     # A job that blocks the event loop blocks every other attempt of its worker too, so each blocking run
     # gets a worker of its own (queue ``blocking``, concurrency 1); the CPU-bound runs share three workers.
     blocking = scale(4, 20)
+    threaded = scale(2, 6)
     spinners = 3
     scenario.trigger_many_logged(
-        "spin_probe", [{"key": f"spin{i}", "duration_ms": duration_ms} for i in range(runs - blocking)]
+        "spin_probe",
+        [{"key": f"spin{i}", "duration_ms": duration_ms} for i in range(runs - blocking - threaded)],
+    )
+    scenario.trigger_many_logged(
+        "spin_thread_probe", [{"key": f"thread{i}", "duration_ms": duration_ms} for i in range(threaded)]
     )
     scenario.trigger_many_logged(
         "block_loop_probe", [{"key": f"block{i}", "duration_ms": duration_ms} for i in range(blocking)]

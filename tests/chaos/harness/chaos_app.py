@@ -103,9 +103,7 @@ def crash_probe(key: str, ctx: JobContext) -> None:
     os._exit(137)
 
 
-@app.job(retry=PROBE_RETRY)
-def spin_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
-    """CPU-bound in a worker thread: holds the GIL in bursts for the whole duration."""
+def _spin(ctx: JobContext, key: str, duration_ms: int) -> str:
     execution = _open(ctx, key)
     deadline = time.monotonic() + duration_ms / 1000
     n = 0
@@ -113,6 +111,18 @@ def spin_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
         n += sum(i * i for i in range(2000))
     ledger().end(execution, "done")
     return key
+
+
+@app.job(retry=PROBE_RETRY, executor="process")
+def spin_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    """CPU-bound, in a job process (the executor for CPU-bound sync jobs): its GIL is not the worker's."""
+    return _spin(ctx, key, duration_ms)
+
+
+@app.job(retry=PROBE_RETRY)
+def spin_thread_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    """CPU-bound in a worker thread: holds the worker's GIL in bursts for the whole duration."""
+    return _spin(ctx, key, duration_ms)
 
 
 @app.job(retry=PROBE_RETRY, queue="blocking")  # its own queue: one per worker, or they run in series
