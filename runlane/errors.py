@@ -12,6 +12,8 @@
      ├── RunFailed                .run, .error
      │    └── RunCancelled
      ├── JobTimeout
+     ├── JobProcessDied           the job process running an attempt ended abnormally
+     ├── JobProcessError          .type_name: a job's exception that could not leave its job process
      ├── NonRetryable             raised by job code to fail a run at once
      ├── StoreUnavailable         driver errors kept as __cause__
      │    └── SchemaOutdated
@@ -118,6 +120,18 @@ class RunCancelled(RunFailed):
 
 class JobTimeout(RunlaneError):
     """Raised when an attempt runs longer than its job's timeout."""
+
+
+class JobProcessDied(RunlaneError):
+    """Raised when the job process running an attempt ended abnormally (a crash, a signal, ``os._exit``)."""
+
+
+class JobProcessError(RunlaneError):
+    """Stands for a job's exception that could not be pickled back from its job process."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
 
 
 class NonRetryable(RunlaneError):

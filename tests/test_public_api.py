@@ -20,6 +20,8 @@ EXPECTED = [
     "JobContext",
     "JobInfo",
     "JobNotFound",
+    "JobProcessDied",
+    "JobProcessError",
     "JobTimeout",
     "NonRetryable",
     "QueueInfo",

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pebble import ProcessExpired, ProcessPool
 
 from runlane.context import AttemptCancelled, InputStream, JobContext
-from runlane.errors import RunlaneError
+from runlane.errors import JobProcessDied, JobProcessError, RunlaneError
 from runlane.models import ErrorInfo
 from runlane.serialization import NotSerializable, to_jsonable
 
@@ -52,10 +52,6 @@ _EXIT_FENCED = (
     70  # a job process ended itself: its attempt's lease went unrenewed (worker stopped or cut off)
 )
 _EXIT_ORPHANED = 71  # a job process ended itself: its worker is gone
-
-
-class JobProcessDied(RunlaneError):
-    """The process running the attempt ended abnormally (a crash, a signal, ``os._exit``)."""
 
 
 def job_reference(func: Any) -> tuple[str, str]:
@@ -287,14 +283,6 @@ def unwrap(exc: BaseException) -> tuple[BaseException, ErrorInfo | None]:
         original = exc.exc if exc.exc is not None else JobProcessError(exc.error.type, exc.error.message)
         return original, exc.error
     return exc, None
-
-
-class JobProcessError(RunlaneError):
-    """Stands for a job's exception that could not travel back from its process (it could not be pickled)."""
-
-    def __init__(self, type_name: str, message: str) -> None:
-        super().__init__(f"{type_name}: {message}")
-        self.type_name = type_name
 
 
 # -- the child's side --------------------------------------------------------------------------------------------

@@ -49,6 +49,19 @@ APP_MODULE = textwrap.dedent(
         await asyncio.sleep(seconds)
         ctx.progress(100, "awake")
         return "rested"
+
+
+    @app.job(executor="process")
+    def crunch(pid_file: str, seconds: float) -> int:
+        """Runs in a job process: says which one, then works for a while."""
+        import os
+        import time
+
+        with open(pid_file + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(pid_file + ".tmp", pid_file)
+        time.sleep(seconds)
+        return os.getpid()
     '''
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from cli_helpers import Cli, wait_for
@@ -110,3 +111,31 @@ def test_sigkill_then_burst_worker_reclaims(migrated: Cli) -> None:
     assert (run.status, run.attempt) == (RunStatus.SUCCEEDED, 2)
     lost, _ = migrated.app.client.attempts(run_id)
     assert lost.error is not None and lost.error.type == "WorkerLost"
+
+
+def test_job_processes_end_with_their_killed_worker(migrated: Cli, tmp_path: Path) -> None:
+    """A SIGKILLed worker cannot stop its job processes: each notices its worker is gone and ends itself,
+    instead of running a body that another worker will run again once the lease expires."""
+    pid_file = tmp_path / "job.pid"
+    run_id = migrated.trigger("crunch", {"pid_file": str(pid_file), "seconds": 120})
+    worker = migrated.spawn("worker", "demo_app:app")
+    wait_for(pid_file.exists, "the job process to start the body", timeout=60)
+    job_pid = int(pid_file.read_text())
+    assert job_pid != worker.proc.pid
+    worker.proc.kill()
+    worker.exit_code(MARGIN)
+    wait_for(lambda: not _exists(job_pid), "the orphaned job process to end", timeout=MARGIN)
+    assert migrated.get_run(run_id).status is RunStatus.RUNNING  # comes back after its lease expires
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (ended, not yet reaped by its parent, the forkserver) counts as ended.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
