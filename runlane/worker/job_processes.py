@@ -28,8 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pebble import ProcessExpired, ProcessPool
-
 from runlane.context import AttemptCancelled, InputStream, JobContext
 from runlane.errors import JobProcessDied, JobProcessError, RunlaneError
 from runlane.models import ErrorInfo
@@ -37,6 +35,8 @@ from runlane.serialization import NotSerializable, to_jsonable
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import SynchronizedArray
+
+    from pebble import ProcessPool
 
     from runlane.app import Runlane
     from runlane.jobs import Job
@@ -110,6 +110,8 @@ class JobProcesses:
         self._relay_thread: threading.Thread | None = None
 
     def _start(self) -> None:
+        from pebble import ProcessPool  # imported by workers that run process jobs only
+
         modules = sorted(
             {job.func.__module__ for job in self._app.jobs.values() if job.options.executor == "process"}
         )
@@ -182,6 +184,8 @@ class JobProcesses:
                 done.set_exception(_ChildError(value, error))
 
         def on_task_done(future: concurrent.futures.Future[Any]) -> None:  # on pebble's thread
+            from pebble import ProcessExpired
+
             outcome: tuple[str, Any, Any, int] | BaseException
             try:
                 outcome = future.result()
