@@ -21,11 +21,13 @@ import logging
 import multiprocessing
 import os
 import pickle
+import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Client, Connection, Listener
 from typing import TYPE_CHECKING, Any
 
 from runlane.context import AttemptCancelled, InputStream, JobContext
@@ -100,7 +102,10 @@ class JobProcesses:
             "forkserver" if sys.platform.startswith("linux") else "spawn"
         )
         self._pool: ProcessPool | None = None
-        self._events: Any = None  # multiprocessing.Queue of (run_id, attempt, [(kind, data), ...])
+        # Each job process connects to this listener and sends (run_id, attempt, [(kind, data), ...]) on a
+        # connection of its own: a process terminated mid-send breaks only its own connection (a queue
+        # shared by all would stay locked by it for good).
+        self._listener: Listener | None = None
         self._flags: SynchronizedArray[Any] | None = None
         self._renewed: SynchronizedArray[Any] | None = None  # per flag: last lease renewal (monotonic)
         self._flag_of: dict[int, int] = {}  # run id -> flag of its attempt in flight
@@ -123,7 +128,8 @@ class JobProcesses:
         self._flags = self._context.Array("b", self._slots, lock=False)
         self._renewed = self._context.Array("d", self._slots, lock=False)
         self._free_flags = list(range(self._slots))
-        self._events = self._context.Queue()
+        authkey = secrets.token_bytes(16)
+        self._listener = Listener(authkey=authkey)
         self._pool = ProcessPool(
             max_workers=self._size,
             initializer=_child_init,
@@ -131,7 +137,8 @@ class JobProcesses:
                 modules,
                 self._app.url,
                 self._nice,
-                self._events,
+                self._listener.address,
+                authkey,
                 self._flags,
                 self._renewed,
                 self._lease_timeout,
@@ -141,7 +148,7 @@ class JobProcesses:
             context=self._context,
         )
         self._relay_thread = threading.Thread(
-            target=self._relay_loop, name="runlane-job-process-relay", daemon=True
+            target=self._accept_loop, args=(self._listener,), name="runlane-job-process-relay", daemon=True
         )
         self._relay_thread.start()
 
@@ -239,24 +246,35 @@ class JobProcesses:
                     sent - relay.batches,
                 )
 
-    def _relay_loop(self) -> None:
+    def _accept_loop(self, listener: Listener) -> None:
         while True:
             try:
-                message = self._events.get()
-            except (EOFError, OSError):
-                return
-            if message is None:
-                return
-            run_id, attempt, events = message
-            with self._lock:
-                relay = self._relays.get((run_id, attempt))
-            if relay is None:
-                continue  # the attempt already ended (its process outlived a cancellation)
-            for kind, data in events:
-                relay.ctx._emit(kind, data)
-            with relay.arrived:
-                relay.batches += 1
-                relay.arrived.notify_all()
+                conn = listener.accept()
+            except (OSError, EOFError):
+                return  # closed: the worker is stopping
+            except Exception as exc:  # a connection that failed authentication: not one of ours
+                log.warning("job process relay refused a connection: %s", exc)
+                continue
+            threading.Thread(
+                target=self._relay_loop, args=(conn,), name="runlane-job-process-relay", daemon=True
+            ).start()
+
+    def _relay_loop(self, conn: Connection) -> None:
+        with conn:
+            while True:
+                try:
+                    run_id, attempt, events = conn.recv()
+                except (EOFError, OSError):
+                    return  # the job process ended (or was terminated mid-send)
+                with self._lock:
+                    relay = self._relays.get((run_id, attempt))
+                if relay is None:
+                    continue  # the attempt already ended (its process outlived a cancellation)
+                for kind, data in events:
+                    relay.ctx._emit(kind, data)
+                with relay.arrived:
+                    relay.batches += 1
+                    relay.arrived.notify_all()
 
     def close(self) -> None:
         """Terminate the job processes (the worker has drained or given up on what they ran)."""
@@ -266,10 +284,8 @@ class JobProcesses:
             return
         pool.stop()  # type: ignore[no-untyped-call]
         pool.join(timeout=10)
-        self._events.put(None)
-        if self._relay_thread is not None:
-            self._relay_thread.join(timeout=5)
-        self._events.close()
+        if self._listener is not None:
+            self._listener.close()  # ends the accept loop; relays end with their processes
 
 
 class _ChildError(Exception):
@@ -297,7 +313,7 @@ _child: _ChildState | None = None
 @dataclass
 class _ChildState:
     url: str
-    events: Any
+    events: Connection
     flags: Any
     renewed: Any
     lease_timeout: float
@@ -322,7 +338,7 @@ class _ChildState:
             for k in keys:
                 items = self.pending.pop(k, None)
                 if items:
-                    self.events.put((k[0], k[1], items))
+                    self.events.send((k[0], k[1], items))
                     self.sent[k] = self.sent.get(k, 0) + 1
 
     def flush_forever(self) -> None:
@@ -368,7 +384,8 @@ def _child_init(
     modules: list[str],
     url: str,
     nice: int,
-    events: Any,
+    address: Any,
+    authkey: bytes,
     flags: Any,
     renewed: Any,
     lease_timeout: float,
@@ -383,6 +400,7 @@ def _child_init(
             pass
     for module in modules:
         importlib.import_module(module)  # surfaces an import error at start, and makes first tasks fast
+    events = Client(address, authkey=authkey)
     _child = _ChildState(
         url, events, flags, renewed, lease_timeout, worker_pid, min(flush_every, _FLUSH_EVERY)
     )

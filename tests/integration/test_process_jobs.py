@@ -180,7 +180,7 @@ async def test_a_process_job_that_ignores_its_timeout_is_terminated(
 
     app = make_app(job_processes=1)
     job = app.job(executor="process", timeout=0.5, retry=Retry(attempts=1))(ignores_cancel)
-    after = app.job(executor="process", name="after")(whoami)
+    after = app.job(executor="process", name="after")(reports)
     await app.migrate()
     client = app.async_client
     marker = tmp_path / "marker"
@@ -188,11 +188,15 @@ async def test_a_process_job_that_ignores_its_timeout_is_terminated(
         run = await client.trigger(job, {"marker": str(marker)})
         async with app.worker(concurrency=1):
             done = await client.wait(run.id, timeout=60)
-            # The one job process was freed by terminating the sleeper: the next job runs long before 30 s.
+            # The one job process was freed by terminating the sleeper: the next job runs long before 30 s,
+            # and all its events arrive.
             started = time.monotonic()
-            nxt = await client.trigger(after, {"n": 3})
+            nxt = await client.trigger(after, {"count": 20})
             follow = await client.wait(nxt.id, timeout=60)
             took = time.monotonic() - started
+        # Its replacement's events travel on a connection of their own: the terminated process broke none.
+        outputs = [e.data async for e in client.events(nxt.id) if e.kind == "output"]
+        assert outputs == list(range(20))
         assert done.status is RunStatus.FAILED
         attempts = await client.attempts(run.id)
         assert attempts[-1].error is not None and attempts[-1].error.type == "JobTimeout"
