@@ -120,16 +120,16 @@ class JobProcesses:
         modules = sorted(
             {job.func.__module__ for job in self._app.jobs.values() if job.options.executor == "process"}
         )
-        # A cancellation flag per task in flight: the worker's concurrency, plus cancelled tasks whose
-        # process has not stopped yet (their slot in the worker is free again during the grace period).
         if isinstance(self._context, multiprocessing.context.ForkServerContext):
             # Children fork from a server that imported these once: dozens of them start in moments.
             self._context.set_forkserver_preload(["runlane", *modules])
+        # A cancellation flag per task in flight: the worker's concurrency, plus cancelled tasks whose
+        # process has not stopped yet (their slot in the worker is free again during the grace period).
         self._flags = self._context.Array("b", self._slots, lock=False)
         self._renewed = self._context.Array("d", self._slots, lock=False)
         self._free_flags = list(range(self._slots))
         authkey = secrets.token_bytes(16)
-        self._listener = Listener(authkey=authkey)
+        self._listener = Listener(authkey=authkey, backlog=self._size)
         self._pool = ProcessPool(
             max_workers=self._size,
             initializer=_child_init,
@@ -218,9 +218,13 @@ class JobProcesses:
                 loop.call_soon_threadsafe(on_done_in_loop, outcome)
 
         def on_cancelled(future: asyncio.Future[Any]) -> None:
-            if future.cancelled() and not task.done():
-                cancel()
+            if not future.cancelled() or task.done():
+                return
+            cancel()
+            if task.running():  # give the job STOP_GRACE to notice ctx.cancelled, then end its process
                 hard_stop.append(loop.call_later(STOP_GRACE, task.cancel))
+            else:
+                task.cancel()  # type: ignore[no-untyped-call]  # still queued for a job process: it never starts
 
         ctx._on_cancel(cancel)
         done.add_done_callback(on_cancelled)
