@@ -1,9 +1,13 @@
 """Lease renewal on its own OS thread, so that a job blocking the event loop (or a CPU-bound sync job
 holding the GIL in short bursts) cannot let its own lease expire and get itself executed twice.
 
-It also self-fences: a lease not renewed for a whole lease period may already belong to another worker, so
-it is dropped and its attempt stopped. A watchdog thread applies that rule while a renewal is stuck on a
-connection that neither answers nor fails (a network partition holds a statement for minutes)."""
+It also self-fences: an attempt is stopped before the store can hand its run to another worker. The store
+renews a lease when the renewal arrives, so the lease runs at least ``lease_timeout`` from when the renewal
+was *sent*; a lease unrenewed for ``lease_timeout`` minus a margin (the time a job takes to notice
+``ctx.cancelled``) since then is dropped and its attempt stopped. A watchdog thread applies the rule at each
+lease's deadline, whatever the renewing thread is doing (waiting for a busy SQLite file, stuck on a
+connection that a partition holds for minutes), so that a worker cut off from its store never runs on
+beside the attempt that replaced it (RELIABILITY.md, T19)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,13 @@ from collections.abc import Callable
 from runlane.store import Lease, Store
 
 log = logging.getLogger("runlane.worker")
+
+
+def fence_age(lease_timeout: float) -> float:
+    """How long after a renewal was sent its attempt is stopped: a margin before the lease can expire, for the
+    job to notice ``ctx.cancelled`` and the store's clock to differ from ours (0.2 s on a 2 s lease, 1 s from a
+    10 s lease up)."""
+    return lease_timeout - min(0.1 * lease_timeout, 1.0)
 
 
 class Heartbeat:
@@ -31,13 +42,13 @@ class Heartbeat:
         self._store = store
         self._worker_id = worker_id
         self._lease_timeout = lease_timeout
+        self.fence_after = fence_age(lease_timeout)
         self._interval = interval
         self._on_lost = on_lost
         self._on_renewed = on_renewed
         self._lock = threading.Lock()
         self._leases: dict[int, Lease] = {}
         self._renewed: dict[int, float] = {}
-        self._beat_started: float | None = None  # a renewal in flight since (monotonic)
         self._stop = threading.Event()
         self._frozen = threading.Event()
         self._thread = threading.Thread(
@@ -88,22 +99,29 @@ class Heartbeat:
                 self.beat()
 
     def _watch(self) -> None:
-        while not self._stop.wait(self._interval):
-            if self._beat_started is not None:  # stuck: a renewal that ends (or fails) fences in beat()
-                self._fence(time.monotonic())
+        while not self._stop.wait(self._next_deadline() - time.monotonic()):
+            self._fence(time.monotonic())
+
+    def _next_deadline(self) -> float:
+        """When the oldest lease must be fenced (re-checked at least once per interval: leases come and go)."""
+        with self._lock:
+            oldest = min(self._renewed.values(), default=None)
+        soon = time.monotonic() + self._interval
+        return soon if oldest is None else min(oldest + self.fence_after, soon)
 
     def _fence(self, now: float) -> None:
-        """Drop the leases not renewed for a whole lease period: the store may have reclaimed them already."""
+        """Drop the leases that the store may be about to hand to another worker, and stop their attempts."""
         with self._lock:
-            lost = {rid for rid, at in self._renewed.items() if now - at >= self._lease_timeout}
+            lost = {rid for rid, at in self._renewed.items() if now - at >= self.fence_after}
             for run_id in lost:
                 self._leases.pop(run_id, None)
                 self._renewed.pop(run_id, None)
         if lost:
             log.warning(
-                "worker %s: %d leases not renewed for %.1f s; stopping their attempts",
+                "worker %s: %d leases not renewed for %.1f s (lease %.1f s); stopping their attempts",
                 self._worker_id,
                 len(lost),
+                self.fence_after,
                 self._lease_timeout,
             )
             self._on_lost(lost)
@@ -115,7 +133,6 @@ class Heartbeat:
         self._fence(started)
         with self._lock:
             leases = list(self._leases.values())
-        self._beat_started = started
         try:
             held = self._store.heartbeat_blocking(self._worker_id, leases, self._lease_timeout)
         except Exception as exc:
@@ -123,10 +140,10 @@ class Heartbeat:
             self._fence(time.monotonic())
             return
         else:
-            # The store renewed them between send and reply. A slow call mostly waited for a lock before it ran
-            # (a busy SQLite file), so the reply time is the closer estimate; a late reply can only lengthen a
-            # zombie's life by its delay, never let it commit (the store refuses writes on expired leases).
-            renewed = time.monotonic()
+            # The store renewed them between send and reply: from the send time the lease surely runs a whole
+            # lease_timeout. (The reply time would let a zombie run on beside its replacement for as long as
+            # the reply took: seconds, on a SQLite file whose write lock a stopped process holds.)
+            renewed = started
             with self._lock:
                 for run_id in held:
                     if run_id in self._renewed:
@@ -135,7 +152,6 @@ class Heartbeat:
             if self._on_renewed is not None and held:
                 self._on_renewed(held, renewed)
         finally:
-            self._beat_started = None
             took = time.monotonic() - started
             if took > self._lease_timeout / 2:  # a store this slow lets leases expire between renewals
                 log.warning(

@@ -34,6 +34,7 @@ from runlane.context import AttemptCancelled, InputStream, JobContext
 from runlane.errors import JobProcessDied, JobProcessError, RunlaneError
 from runlane.models import ErrorInfo
 from runlane.serialization import NotSerializable, to_jsonable
+from runlane.worker.heartbeat import fence_age
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import SynchronizedArray
@@ -141,7 +142,7 @@ class JobProcesses:
                 authkey,
                 self._flags,
                 self._renewed,
-                self._lease_timeout,
+                fence_age(self._lease_timeout),
                 os.getpid(),
                 self._app.settings.progress_flush_interval,
             ),
@@ -320,7 +321,7 @@ class _ChildState:
     events: Connection
     flags: Any
     renewed: Any
-    lease_timeout: float
+    fence_after: float  # the heartbeat's rule: stop an attempt this long after its last renewal was sent
     worker_pid: int
     flush_every: float
     current: int | None = None  # the flag of the attempt running here
@@ -352,7 +353,7 @@ class _ChildState:
 
     def watch_lease(self) -> None:
         """The heartbeat's self-fencing rule, applied here so that it holds while the worker cannot act (it
-        is SIGSTOPped, starved, or dead): an attempt whose lease went unrenewed for a whole lease period
+        is SIGSTOPped, starved, or dead): an attempt whose lease went unrenewed for the heartbeat's fence age
         may be running elsewhere already, so it is cancelled, and its process ends if it does not stop."""
         fenced_at: float | None = None
         while True:
@@ -364,7 +365,7 @@ class _ChildState:
                 fenced_at = None
                 continue
             now = time.monotonic()
-            if now - self.renewed[flag] < self.lease_timeout:
+            if now - self.renewed[flag] < self.fence_after:
                 fenced_at = None
                 continue
             self.flags[flag] = 1
@@ -392,7 +393,7 @@ def _child_init(
     authkey: bytes,
     flags: Any,
     renewed: Any,
-    lease_timeout: float,
+    fence_after: float,
     worker_pid: int,
     flush_every: float,
 ) -> None:  # pragma: no cover - runs in the job process
@@ -405,9 +406,7 @@ def _child_init(
     for module in modules:
         importlib.import_module(module)  # surfaces an import error at start, and makes first tasks fast
     events = Client(address, authkey=authkey)
-    _child = _ChildState(
-        url, events, flags, renewed, lease_timeout, worker_pid, min(flush_every, _FLUSH_EVERY)
-    )
+    _child = _ChildState(url, events, flags, renewed, fence_after, worker_pid, min(flush_every, _FLUSH_EVERY))
     threading.Thread(target=_child.flush_forever, name="runlane-event-relay", daemon=True).start()
     threading.Thread(target=_child.watch_lease, name="runlane-lease-watch", daemon=True).start()
 

@@ -6,7 +6,7 @@ import time
 from typing import Any, cast
 
 from runlane.store import Lease, Store
-from runlane.worker.heartbeat import Heartbeat
+from runlane.worker.heartbeat import Heartbeat, fence_age
 
 LEASE = 2.0
 
@@ -88,3 +88,35 @@ def test_a_failed_renewal_fences_only_what_is_a_lease_old() -> None:
     heartbeat.add(Lease(1, 1), renewed_at=time.monotonic() - 0.5)
     heartbeat.beat()
     assert lost == []  # still within its lease: the next renewal may get through
+
+
+def test_limits_under_chaos_a_renewal_counts_from_when_it_was_sent() -> None:
+    """T19 (full tier, SQLite): a queue limit of 10 saw 11 executions. A worker whose renewal waited seconds
+    for the file's write lock (held by a stopped process) stamped the renewal with the reply time, so it
+    believed its lease younger than the store did and ran on beside the attempt that replaced it. The store
+    renewed the lease no earlier than the renewal was sent: that is the stamp."""
+    store = SlowStore(delay=0.3)
+    heartbeat = make(store, [])
+    heartbeat.add(Lease(1, 1), renewed_at=time.monotonic() - 1.0)
+    before = time.monotonic()
+    heartbeat.beat()
+    after = time.monotonic()
+    renewed = heartbeat.renewed_at(1)
+    assert renewed is not None and before <= renewed < after - 0.25
+
+
+def test_limits_under_chaos_an_attempt_is_fenced_before_its_lease_can_expire() -> None:
+    """T19: the watchdog fences each lease at its own deadline, a margin before the store may reclaim it,
+    whatever the renewing thread is doing (here: nothing, as if stuck on the store)."""
+    lost: list[tuple[float, set[int]]] = []
+    heartbeat = make(SlowStore(delay=0.0), lost)
+    granted = time.monotonic() - fence_age(LEASE) + 0.2  # deadlines within the next re-check (interval 0.5)
+    heartbeat.add(Lease(1, 1), renewed_at=granted)
+    heartbeat.add(Lease(2, 1), renewed_at=granted + 0.1)
+    assert heartbeat.fence_after == fence_age(LEASE) < LEASE
+    assert heartbeat._next_deadline() == granted + fence_age(LEASE)
+    heartbeat._fence(granted + fence_age(LEASE) - 0.001)
+    assert lost == []
+    heartbeat._fence(granted + fence_age(LEASE) + 1e-6)
+    assert [ids for _, ids in lost] == [{1}]
+    assert heartbeat._next_deadline() == granted + 0.1 + fence_age(LEASE)
