@@ -179,7 +179,7 @@ class Worker:
                 self.app,
                 processes=self.settings.job_processes or self.concurrency,
                 flags=self.concurrency * 4,
-                nice=self.settings.job_thread_nice,
+                nice=self.settings.job_process_nice,
                 lease_timeout=self.settings.lease_timeout,
                 renewed_at=lambda run_id: heartbeat.renewed_at(run_id),
             )

@@ -14,6 +14,7 @@ def test_defaults() -> None:
     assert s.retention == timedelta(days=7)
     assert s.progress_flush_interval == 0.5
     assert s.job_thread_nice == 0
+    assert s.job_process_nice == 10
 
 
 def test_environment_then_explicit_arguments_win() -> None:
@@ -39,6 +40,9 @@ def test_bad_values_name_the_setting() -> None:
     with pytest.raises(ValueError, match="job_thread_nice"):
         Settings(job_thread_nice=20)
     assert Settings.load({}, environ={"RUNLANE_JOB_THREAD_NICE": "0"}).job_thread_nice == 0
+    assert Settings.load({}, environ={"RUNLANE_JOB_PROCESS_NICE": "3"}).job_process_nice == 3
+    with pytest.raises(ValueError, match="job_process_nice"):
+        Settings(job_process_nice=-1)
 
 
 def test_app_reads_url_and_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
