@@ -23,7 +23,7 @@ class Settings:
     reaper_interval: float | None = None  # None: min(poll_interval * 2, lease_timeout / 3)
     job_thread_nice: int = 0  # sync jobs' threads run this much nicer than the worker's own (Linux)
     job_processes: int | None = None  # processes for executor="process" jobs; None: the worker's concurrency
-    job_process_nice: int = 10  # job processes run this much nicer than the worker (POSIX); 0: as the worker
+    job_process_nice: int = 19  # job processes run this much nicer than the worker (POSIX); 0: as the worker
 
     def __post_init__(self) -> None:
         for name in ("lease_timeout", "poll_interval", "progress_flush_interval"):

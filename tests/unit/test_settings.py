@@ -14,7 +14,7 @@ def test_defaults() -> None:
     assert s.retention == timedelta(days=7)
     assert s.progress_flush_interval == 0.5
     assert s.job_thread_nice == 0
-    assert s.job_process_nice == 10
+    assert s.job_process_nice == 19
 
 
 def test_environment_then_explicit_arguments_win() -> None:
