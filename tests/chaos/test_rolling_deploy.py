@@ -1,5 +1,7 @@
 """T23 graceful_shutdown_rolling_deploy: workers started through the documented ``exec`` launcher get SIGTERM
-one after another (one of them twice) while attempts of 2-8 s run.
+one after another (one of them twice) while attempts run: 2-8 s with ``shutdown_timeout`` 3 s in the smoke
+tier; in the full tier the plan's 5-40 s attempts, ``shutdown_timeout`` 10 s, a SIGTERM every 60 s and 3,000
+runs fed evenly over 30 min (a capped time box feeds the same rate for a shorter time).
 
 A single SIGTERM must hand unfinished runs back to ``pending`` within ``shutdown_timeout`` + 1 s without using
 an attempt (no failed attempt recorded) and exit within ``shutdown_timeout`` + 5 s; a second SIGTERM must exit
@@ -11,12 +13,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
-from harness.procs import Timing
-from harness.scenario import Scenario, scale
+from harness.procs import FULL, Timing
+from harness.scenario import Scenario, scale, span
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "docs" / "deploy" / "runlane-worker.sh"
 
@@ -25,17 +28,35 @@ def _ts(at: datetime) -> float:
     return at.timestamp()
 
 
+def _feed(scenario: Scenario, args: list[dict[str, object]], seconds: float, stop: threading.Event) -> None:
+    """Trigger ``args`` evenly over ``seconds``, a second's worth at a time."""
+    started = time.time()
+    sent = 0
+    while sent < len(args) and not stop.is_set():
+        due = min(len(args), int((time.time() - started) / seconds * len(args)) + 1)
+        if due > sent:
+            scenario.trigger_many_logged("ledger_probe", args[sent:due])
+            sent = due
+        stop.wait(1.0)
+
+
 def test_graceful_shutdown_rolling_deploy(scenario: Scenario) -> None:
-    scenario.timing = Timing(shutdown_timeout=3.0)
+    scenario.timing = Timing(shutdown_timeout=float(scale(3, 10)))
     shutdown = scenario.timing.shutdown_timeout
-    runs = scale(60, 3_000)
-    terms = scale(3, 30)
+    box = span(0.0, 1_800.0)  # the full tier's 30 min of deploys; the smoke tier triggers everything at once
+    runs = scale(60, int(3_000 * box / 1_800))
+    terms = scale(3, int(box // 60))
     rng = scenario.random
-    durations = {f"k{i}": rng.randint(2_000, 8_000) for i in range(runs)}
-    scenario.trigger_many_logged(
-        "ledger_probe", [{"key": key, "duration_ms": ms} for key, ms in durations.items()]
-    )
-    launcher = ["sh", str(LAUNCHER), "--concurrency", "8"]
+    low, high = scale(2_000, 5_000), scale(8_000, 40_000)
+    durations = {f"k{i}": rng.randint(low, high) for i in range(runs)}
+    args: list[dict[str, object]] = [{"key": key, "duration_ms": ms} for key, ms in durations.items()]
+    stop_feeding = threading.Event()
+    feeder = threading.Thread(target=_feed, args=(scenario, args, box, stop_feeding), daemon=True)
+    if FULL:
+        feeder.start()  # 1.7 runs/s of 22 s on average: about 37 attempts in flight
+    else:
+        scenario.trigger_many_logged("ledger_probe", args)
+    launcher = ["sh", str(LAUNCHER), "--concurrency", str(scale(8, 12))]
     env = scenario.env(RUNLANE_APP="harness.chaos_app:app", PYTHON=sys.executable)
     pool = scenario.pool(4, command=launcher, env=env, restart_delay=0.5)
 
@@ -63,7 +84,7 @@ def test_graceful_shutdown_rolling_deploy(scenario: Scenario) -> None:
         proc: subprocess.Popen[bytes] = slot.proc
         first = scenario.faults.instant("term", proc.pid, "deploy").t_start
         proc.terminate()
-        if double:
+        if double:  # the second SIGTERM arrives 2 s after the first (the plan's)
             try:
                 proc.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
@@ -78,7 +99,10 @@ def test_graceful_shutdown_rolling_deploy(scenario: Scenario) -> None:
             singles.append((proc.pid, first, time.time()))
         time.sleep(scale(1, 60) if n + 1 < terms else 0)
 
-    recovered = scenario.wait_terminal(120.0)
+    if FULL:
+        feeder.join(timeout=box + 60)
+    stop_feeding.set()
+    recovered = scenario.wait_terminal(scale(120, 600))
     state = scenario.state()
     report = scenario.check(recovered_at=recovered)
     scenario.record(report, sigterms=len(singles) + len(doubles), double_sigterms=len(doubles))
