@@ -35,6 +35,23 @@ class Timing:
     shutdown_timeout: float = 3.0
 
 
+def sqlite_write_lock_holder(url: str) -> int | None:
+    """The pid holding the write lock of a Runlane SQLite file (the ``flock`` on ``<db>-wlock`` that its
+    writers queue on before ``BEGIN IMMEDIATE``), from ``/proc/locks``; None if free or not SQLite/Linux."""
+    if not url.startswith("sqlite:///"):
+        return None
+    try:
+        inode = os.stat(url.removeprefix("sqlite:///") + "-wlock").st_ino
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<inode> 0 EOF"
+        if len(fields) >= 6 and fields[1:4:2] == ["FLOCK", "WRITE"] and fields[5].endswith(f":{inode}"):
+            return int(fields[4])
+    return None
+
+
 def chaos_env(url: str, ledger_path: Path, timing: Timing, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNLANE_")}
     pythonpath = [str(HARNESS_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -73,6 +90,7 @@ class WorkerSlot:
     pids: list[int] = field(default_factory=list)
     held: bool = False  # stopped on purpose: the supervisor must not restart it
     paused: bool = False
+    locked: Fault | None = None  # paused while holding the SQLite file's write lock (a store outage)
 
     @property
     def pid(self) -> int | None:
@@ -194,6 +212,7 @@ class WorkerPool:
                 os.kill(slot.proc.pid, signal.SIGCONT)
             fault = self.faults.instant("kill", slot.proc.pid, detail)
             slot.proc.kill()
+            self._unlock(slot)  # the kernel lets go of a dead process's locks
         slot.proc.wait(timeout=10)
         return fault
 
@@ -221,6 +240,9 @@ class WorkerPool:
             fault = self.faults.begin("pause", slot.proc.pid, detail)
             os.kill(slot.proc.pid, signal.SIGSTOP)
             slot.paused = True
+            if sqlite_write_lock_holder(self.env.get("RUNLANE_URL", "")) == slot.proc.pid:
+                # Every writer of the file now waits for this process: for them, the store is down.
+                slot.locked = self.faults.begin("sqlite_write_locked", slot.proc.pid, "paused holding it")
             return fault
 
     def resume(self, slot: WorkerSlot, fault: Fault) -> None:
@@ -230,6 +252,12 @@ class WorkerPool:
                 os.kill(slot.proc.pid, signal.SIGCONT)
             slot.paused = False
             self.faults.end(fault)
+            self._unlock(slot)
+
+    def _unlock(self, slot: WorkerSlot) -> None:
+        if slot.locked is not None:
+            self.faults.end(slot.locked)
+            slot.locked = None
 
     def terminate(
         self, slot: WorkerSlot, *, twice_after: float | None = None, detail: str = ""
