@@ -19,7 +19,7 @@ def test_migrate_then_up_to_date(cli: Cli) -> None:
     assert "applied migration" in first.stdout
     again = cli.ok("migrate", "demo_app:app")
     assert "schema up to date (version" in again.stdout
-    assert "add, boom, nap" in again.stdout
+    assert "add, boom, crunch, nap" in again.stdout
     data = cli.json("migrate")
     assert data["applied"] == []
     assert data["version"] >= 1

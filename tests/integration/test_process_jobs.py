@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from runlane import JobContext, Retry, Runlane, RunStatus
+from runlane.worker.heartbeat import fence_age
 
 LEASE = 1.0
 HEARTBEAT = 0.2
@@ -246,14 +247,17 @@ async def test_a_job_process_fences_itself_when_its_worker_stops_renewing(
     client = app.async_client
     marker = tmp_path / "marker"
     try:
-        await client.trigger(job, {"marker": str(marker)})
+        run = await client.trigger(job, {"marker": str(marker)})
         async with app.worker(concurrency=1) as worker:
             await wait_for_text(marker, "started")
-            assert worker._heartbeat is not None
-            worker._heartbeat.freeze()  # renewals stop, as if the worker were stopped
-            frozen = time.monotonic()
+            heartbeat = worker._heartbeat
+            assert heartbeat is not None
+            heartbeat.freeze()  # renewals stop, as if the worker were stopped
+            last = heartbeat.renewed_at(run.id)
+            assert last is not None
             await wait_for_text(marker, "saw the cancel")
-            assert time.monotonic() - frozen >= LEASE - HEARTBEAT  # not before the lease could have expired
+            # Not before the worker itself would have fenced the lease (from its last renewal's send time).
+            assert time.monotonic() >= last + fence_age(LEASE)
     finally:
         await client.aclose()
         await app.aclose()
