@@ -51,10 +51,10 @@ STOP_GRACE = 2.0  # seconds a cancelled process job has to stop on its own befor
 _RELAY_WAIT = 10.0  # at most this long for a finished attempt's last events to arrive
 _FLUSH_EVERY = 0.2  # a child sends its attempts' events this often (and at each attempt's end)
 _WATCH_EVERY = 0.05  # a child checks its attempt's lease and its worker this often
-_EXIT_FENCED = (
-    70  # a job process ended itself: its attempt's lease went unrenewed (worker stopped or cut off)
-)
-_EXIT_ORPHANED = 71  # a job process ended itself: its worker is gone
+# Exit codes of a job process that ended itself: its attempt's lease went unrenewed (the worker is stopped or
+# cut off), or its worker is gone.
+_EXIT_FENCED = 70
+_EXIT_ORPHANED = 71
 
 
 def job_reference(func: Any) -> tuple[str, str]:
