@@ -179,8 +179,6 @@ async def test_a_cancelled_process_job_sees_ctx_cancelled(
 async def test_a_process_job_that_ignores_its_timeout_is_terminated(
     make_app: Callable[..., Runlane], tmp_path: Path
 ) -> None:
-    from runlane.worker import job_processes
-
     app = make_app(job_processes=1)
     job = app.job(executor="process", timeout=0.5, retry=Retry(attempts=1))(ignores_cancel)
     after = app.job(executor="process", name="after")(reports)
@@ -207,7 +205,6 @@ async def test_a_process_job_that_ignores_its_timeout_is_terminated(
         assert took < 25, f"the next job waited {took:.1f} s: the timed-out process was not terminated"
         await asyncio.sleep(0.2)
         assert marker.read_text() == "started"
-        assert job_processes.STOP_GRACE < 25
     finally:
         await client.aclose()
         await app.aclose()
