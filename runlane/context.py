@@ -136,7 +136,7 @@ class JobContext:
         return self._cancelled.is_set()
 
     def raise_if_cancelled(self) -> None:
-        if self._cancelled.is_set():
+        if self.cancelled:
             raise AttemptCancelled(f"run {self.run_id} attempt {self.attempt} was cancelled")
 
     def _cancel(self) -> None:

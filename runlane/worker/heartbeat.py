@@ -80,7 +80,7 @@ class Heartbeat:
             self._renewed[lease.run_id] = time.monotonic() if renewed_at is None else renewed_at
 
     def renewed_at(self, run_id: int) -> float | None:
-        """When the store last renewed this lease (monotonic); None once it is no longer held."""
+        """When the last renewal the store granted was sent (monotonic); None once the lease is not held."""
         with self._lock:
             return self._renewed.get(run_id)
 

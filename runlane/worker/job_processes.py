@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection, Listener
 from typing import TYPE_CHECKING, Any
 
-from runlane.context import AttemptCancelled, InputStream, JobContext
+from runlane.context import InputStream, JobContext
 from runlane.errors import JobProcessDied, JobProcessError, RunlaneError
 from runlane.models import ErrorInfo
 from runlane.serialization import NotSerializable, to_jsonable
@@ -425,10 +425,6 @@ class ProcessJobContext(JobContext):
     @property
     def cancelled(self) -> bool:
         return bool(self._state.flags[self._flag]) or self._cancelled.is_set()
-
-    def raise_if_cancelled(self) -> None:
-        if self.cancelled:
-            raise AttemptCancelled(f"run {self.run_id} attempt {self.attempt} was cancelled")
 
     def inputs(self) -> InputStream:
         raise RunlaneError(
