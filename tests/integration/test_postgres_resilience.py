@@ -121,3 +121,49 @@ async def _claim_once(url: str, worker: str) -> list[object]:
         return list(await store.claim_limited(worker, ["default"], ["limited"], 1, lease_timeout=2.0))
     finally:
         await store.close()
+
+
+async def test_worker_stopped_mid_transaction_does_not_hold_back_the_reclaim(pg_url: str) -> None:
+    """Regression (found by chaos T03 in CI): a worker SIGSTOPped inside a transaction of its own (a progress
+    append, a finish) held its runs' rows; the reaper skips locked rows, so those runs were reclaimed only
+    when the worker woke (6 s after the pause, against lease + 2 reaper intervals = 4 s). Every connection
+    now carries an idle-in-transaction timeout, so the server ends such a transaction and the reaper goes on."""
+    from runlane.errors import StoreUnavailable
+    from runlane.store import NewRun
+    from runlane.store.postgres import PostgresStore
+
+    store = PostgresStore(pg_url)
+    await store.open()
+    await store.migrate()
+    resume = asyncio.Event()
+    locked = asyncio.Event()
+    try:
+        assert store.options.idle_in_transaction_timeout == 1.0
+        (run,) = await store.insert_runs([NewRun("a", {})])
+        (claimed,) = await store.claim("stopped", queues=["default"], jobs=["a"], limit=1, lease_timeout=0.5)
+        assert claimed.id == run.id
+
+        async def stopped_mid_write(conn: psycopg.AsyncConnection[object]) -> None:
+            async with conn.transaction():
+                await conn.execute("SELECT 1 FROM runlane_runs WHERE id = %s FOR UPDATE", (run.id,))
+                locked.set()
+                await resume.wait()  # SIGSTOP: no round trip happens meanwhile
+                await conn.execute("SELECT 1")
+
+        stopped = asyncio.create_task(store._run(stopped_mid_write))
+        await asyncio.wait_for(locked.wait(), 10)
+        reaped: list[int] = []
+        async with asyncio.timeout(30):  # without the bound: never, while the worker stays stopped
+            while not reaped:
+                await asyncio.sleep(0.1)
+                reaped = await store.reap_expired_leases()
+        assert reaped == [run.id]
+        assert not stopped.done()  # the reclaim did not wait for the worker to wake
+        resume.set()
+        with pytest.raises(StoreUnavailable, match="idle"):
+            await stopped  # it wakes to find its transaction ended (rolled back), not to commit
+        after = await store.get_run(run.id)
+        assert after is not None and after.status is RunStatus.PENDING and after.attempt == 1
+    finally:
+        resume.set()
+        await store.close()

@@ -73,6 +73,11 @@ def test_options_come_from_the_url_and_explicit_ones_win() -> None:
     assert conninfo == "postgresql://u@h/db?sslmode=disable"
     _, opts = PostgresOptions.parse("postgresql://u@h/db?pool_size=7", {"pool_size": 3})
     assert opts.pool_max_size == 3
+    _, opts = PostgresOptions.parse("postgresql://u@h/db?idle_in_transaction_timeout=off", {})
+    assert opts.idle_in_transaction_timeout is None
+    assert "idle_in_transaction" not in opts.connect_kwargs()["options"]
+    _, opts = PostgresOptions.parse("postgresql://u@h/db?idle_in_transaction_timeout=0.25", {})
+    assert "-c idle_in_transaction_session_timeout=250" in opts.connect_kwargs()["options"]
     with pytest.raises(TypeError, match="bogus"):
         PostgresOptions.parse("postgresql://u@h/db", {"bogus": 1})
 

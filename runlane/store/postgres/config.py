@@ -25,6 +25,11 @@ class PostgresOptions:
     """Seconds to wait for a pooled connection before StoreUnavailable."""
     statement_timeout: float | None = 30.0
     """Seconds before the server cancels a statement; None or 0 disables."""
+    idle_in_transaction_timeout: float | None = 1.0
+    """Seconds one of Runlane's transactions may sit idle before the server ends it (rolling it back) and
+    releases its row locks. Runlane's transactions never wait on anything but the next round trip, so idleness
+    means the process was stopped, starved or cut off: without the bound, its locked runs would outlive their
+    lease (the reaper skips locked rows) and be reclaimed only once it woke. None or 0 disables."""
     connect_timeout: float = 10.0
     application_name: str = "runlane"
     prepare_threshold: int | None = 5
@@ -63,10 +68,14 @@ class PostgresOptions:
         return conninfo, opts
 
     def connect_kwargs(self, *, role: str = "") -> dict[str, Any]:
-        """libpq parameters every connection gets: UTC sessions, the application name, the timeout."""
+        """libpq parameters every connection gets: UTC sessions, the application name, the timeouts."""
         settings = "-c TimeZone=UTC"
         if self.statement_timeout:
             settings += f" -c statement_timeout={int(self.statement_timeout * 1000)}"
+        if self.idle_in_transaction_timeout:
+            settings += (
+                f" -c idle_in_transaction_session_timeout={int(self.idle_in_transaction_timeout * 1000)}"
+            )
         name = f"{self.application_name}-{role}" if role else self.application_name
         return {
             "application_name": name[:63],
@@ -82,7 +91,7 @@ def _coerce(name: str, raw: Any, cls: type[PostgresOptions]) -> Any:
         return int(raw)
     if name == "prepare_threshold":
         return None if raw.lower() in {"", "none", "off"} else int(raw)
-    if name == "statement_timeout":
+    if name in {"statement_timeout", "idle_in_transaction_timeout"}:
         return None if raw.lower() in {"", "none", "off", "0"} else float(raw)
     if name in {"pool_timeout", "connect_timeout"}:
         return float(raw)
