@@ -323,13 +323,15 @@ def make_machine(world: World) -> type[RuleBasedStateMachine]:
             )
 
         def _pick_lease(self, data: st.DataObject) -> tuple[MWorker, Run]:
-            """A lease some worker believes it holds (it may be stale)."""
-            held = {
-                f"{w.name}: run {x.id} attempt {x.attempt}": (w, x)
-                for w in self.workers.values()
-                for x in w.leases
-            }
-            return held[data.draw(st.sampled_from(sorted(held)), label="lease")]
+            """A lease some worker believes it holds (it may be stale).
+
+            Every choice must depend only on the example's own draws: the store's ids do not (the examples
+            share one store, so the same program gets other ids in another example), only their order does.
+            Sorting "run 99" and "run 100" as text did, and Hypothesis saw the same draws lead to different
+            choices (FlakyStrategyDefinition)."""
+            held = sorted(((w.name, x.id, x.attempt), w, x) for w in self.workers.values() for x in w.leases)
+            _, worker, lease = held[data.draw(st.integers(0, len(held) - 1), label="lease")]
+            return worker, lease
 
         def _pick_worker(self, data: st.DataObject) -> MWorker:
             """A worker that believes it holds leases."""
