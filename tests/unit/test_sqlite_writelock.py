@@ -188,3 +188,52 @@ def test_failed_forced_checkpoints_back_off_for_every_process_of_the_file(
         conn.close()
         lock.close()
         other.close()
+
+
+def test_a_checkpoint_that_waited_for_the_lock_skips_a_wal_already_reset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (T22 at full scale): every process that saw the WAL past its threshold queued for the lock,
+    and each reset it in turn; the WAL was empty by then, but each reset still waited for the readers' open
+    snapshots, holding every writer back (two or three 0.45 s stalls in a row, every two seconds)."""
+    db = tmp_path / "x.db"
+    lock = WriteLock(f"{db}-wlock")
+    other = WriteLock(f"{db}-wlock")
+    conn = connection.connect(str(db), writer=True)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("INSERT INTO t VALUES (zeroblob(1000000))")
+    writer = connection.Writer(conn, after_commit=lambda topics: None, wal_path=f"{db}-wal", lock=lock)
+    monkeypatch.setattr(connection, "WAL_CHECKPOINT_BYTES", 1000)
+    queued = threading.Event()
+    resets: list[bool] = []
+    acquire, truncate = lock.acquire, writer._truncate_wal
+
+    def queue_for_the_lock(timeout: float) -> bool:
+        queued.set()
+        return acquire(timeout)
+
+    def counted_truncate() -> bool:
+        resets.append(True)
+        return truncate()
+
+    monkeypatch.setattr(lock, "acquire", queue_for_the_lock)
+    monkeypatch.setattr(writer, "_truncate_wal", counted_truncate)
+    checkpoint = threading.Thread(target=writer._bound_wal)  # the writer thread's step after a commit
+    try:
+        assert other.acquire(1)  # another process is resetting the WAL
+        checkpoint.start()
+        assert queued.wait(30)
+        plain = sqlite3.connect(db, isolation_level=None)
+        assert plain.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        plain.close()
+        other.release()
+        checkpoint.join(30)
+        assert not checkpoint.is_alive()
+        assert resets == []  # it found the WAL small once it had the lock
+        assert os.path.getsize(f"{db}-wal") == 0
+    finally:
+        other.release()
+        writer.close()
+        conn.close()
+        lock.close()
+        other.close()

@@ -247,6 +247,8 @@ class Writer:
             note = lock.checkpoint_note() if lock is not None else self._checkpoint_note
             if time.time() < note[0]:  # another process just tried
                 return
+            if os.stat(self._wal_path).st_size <= WAL_CHECKPOINT_BYTES:
+                return  # another process reset it while this one waited for the lock
             if self._truncate_wal():
                 new = (0.0, 0.0)
             else:  # readers held on: back off, together with the other processes of this file
