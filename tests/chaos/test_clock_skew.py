@@ -45,18 +45,22 @@ WORKER_SLOTS = 20  # per worker process; the runs sleep, so slots cost little
 def _load(scenario: Scenario, runs: int) -> float:
     """Runs of 1-4 s (1-5 s in the full tier; longer than the 2 s lease, so only heartbeats keep them),
     triggered as a backlog; then a third more that wait for a ``not_before`` up to 8 s away, and a tenth with
-    a low priority and a ``not_after`` that falls while the backlog drains, so that many of them expire."""
+    a low priority and a ``not_after`` that falls while the backlog drains, so that many of them expire.
+    Returns the seconds of work triggered."""
     rng = scenario.random
     backlog = [{"key": f"k{i}", "duration_ms": rng.randint(1_000, scale(4_000, 5_000))} for i in range(runs)]
     scenario.trigger_many_logged("ledger_probe", backlog)
+    work_ms = sum(args["duration_ms"] for args in backlog)
     for i in range(runs, runs + runs // 3):
         args = {"key": f"k{i}", "duration_ms": rng.randint(1_000, scale(4_000, 5_000))}
         delay = timedelta(seconds=rng.uniform(0.5, 8.0))
         scenario.clientlog.trigger(scenario.client, "ledger_probe", args, not_before=delay)
+        work_ms += args["duration_ms"]
     for i in range(runs + runs // 3, runs + runs // 3 + runs // 10):
         args = {"key": f"k{i}", "duration_ms": rng.randint(1_000, scale(4_000, 5_000))}
         ttl = timedelta(seconds=rng.uniform(1.0, 6.0))
         scenario.clientlog.trigger(scenario.client, "ledger_probe", args, not_after=ttl, priority=-1)
+    return work_ms / 1000
 
 
 def _run(
