@@ -232,10 +232,7 @@ class Writer:
         if self._wal_path is None or now < self._next_wal_check:
             return
         self._next_wal_check = now + WAL_CHECK_INTERVAL_S
-        try:
-            if os.stat(self._wal_path).st_size <= WAL_CHECKPOINT_BYTES:
-                return
-        except OSError:
+        if not self._wal_too_large():
             return
         lock = self._wlock
         note = lock.checkpoint_note() if lock is not None else self._checkpoint_note
@@ -247,7 +244,7 @@ class Writer:
             note = lock.checkpoint_note() if lock is not None else self._checkpoint_note
             if time.time() < note[0]:  # another process just tried
                 return
-            if os.stat(self._wal_path).st_size <= WAL_CHECKPOINT_BYTES:
+            if not self._wal_too_large():
                 return  # another process reset it while this one waited for the lock
             if self._truncate_wal():
                 new = (0.0, 0.0)
@@ -261,6 +258,12 @@ class Writer:
         finally:
             if lock is not None:
                 lock.release()
+
+    def _wal_too_large(self) -> bool:
+        try:
+            return self._wal_path is not None and os.stat(self._wal_path).st_size > WAL_CHECKPOINT_BYTES
+        except OSError:
+            return False
 
     def _truncate_wal(self) -> bool:
         conn = self.conn
