@@ -3,6 +3,10 @@
 Its runs must be reclaimed within lease + 2 x reaper interval; once it wakes up, nothing it writes for the
 stale attempts (progress, events, result, failure) may be accepted; it must notice the lost lease within a
 heartbeat interval and stop; each affected run executes at most twice and ends with the newer attempt.
+
+On SQLite a worker stopped while it holds the file's write lock is an outage for every writer, the reapers
+included (nothing can take a lock from a stopped process); the harness sees it in /proc/locks, and the
+bound then counts from the resume.
 """
 
 from __future__ import annotations
@@ -80,6 +84,20 @@ def test_zombie_pause_fencing(scenario: Scenario) -> None:
     for e in executions:
         by_run.setdefault(e.run_id, []).append(e)
 
+    bound = lease + 2 * timing.reaper_interval + SLACK
+    locked = [f for f in scenario.faults.snapshot() if f.kind == "sqlite_write_locked"]
+
+    def reclaim_from(t: float) -> float:
+        """On SQLite a worker stopped while it holds the file's write lock stops every writer, the reaper
+        included, until it resumes: a store outage (RELIABILITY.md), after which the bound counts again."""
+        moved = True
+        while moved:
+            moved = False
+            for f in locked:
+                if f.t_start <= t + bound and f.until > t:
+                    t, moved = f.until, True
+        return t
+
     stale_total = 0
     for pid, fault in paused:
         assert fault.t_end is not None
@@ -102,8 +120,8 @@ def test_zombie_pause_fencing(scenario: Scenario) -> None:
             assert stale_attempt.status.value == "failed", (e, stale_attempt)
             assert stale_attempt.error is not None and stale_attempt.error.type == "WorkerLost"
             assert stale_attempt.finished_at is not None
-            reclaim_lag = stale_attempt.finished_at.timestamp() - fault.t_start
-            assert reclaim_lag <= lease + 2 * timing.reaper_interval + SLACK, (e.run_id, reclaim_lag)
+            reclaim_lag = stale_attempt.finished_at.timestamp() - reclaim_from(fault.t_start)
+            assert reclaim_lag <= bound, (e.run_id, reclaim_lag)
             # The newer attempt decided the run.
             assert run.status.value == "succeeded" and run.attempt > e.attempt, run
             assert len(by_run[e.run_id]) <= 2, by_run[e.run_id]
@@ -121,7 +139,9 @@ def test_zombie_pause_fencing(scenario: Scenario) -> None:
             ]
             assert not late, f"run {e.run_id}: stale progress accepted: {late}"
 
-    scenario.record(report, pauses=len(paused), zombie_attempts=stale_total)
+    scenario.record(
+        report, pauses=len(paused), zombie_attempts=stale_total, paused_holding_write_lock=len(locked)
+    )
     print(report.summary(), f"zombie attempts={stale_total}")
     report.assert_ok(scenario.logs())
     assert stale_total >= pauses, "the pauses caught no running attempt"
