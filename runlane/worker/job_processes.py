@@ -49,6 +49,7 @@ log = logging.getLogger("runlane.worker")
 
 STOP_GRACE = 2.0  # seconds a cancelled process job has to stop on its own before its process is terminated
 _RELAY_WAIT = 10.0  # at most this long for a finished attempt's last events to arrive
+_DIED_GRACE = 2.0  # after a job process's connection ends mid-attempt, pebble has this long to report it
 _FLUSH_EVERY = 0.2  # a child sends its attempts' events this often (and at each attempt's end)
 _WATCH_EVERY = 0.05  # a child checks its attempt's lease and its worker this often
 # Exit codes of a job process that ended itself: its attempt's lease went unrenewed (the worker is stopped or
@@ -78,6 +79,7 @@ class _Relay:
     ctx: JobContext
     batches: int = 0
     arrived: threading.Condition = field(default_factory=threading.Condition)
+    on_died: Callable[[], None] | None = None  # its job process ended while it ran (see _relay_loop)
 
 
 class JobProcesses:
@@ -218,6 +220,20 @@ class JobProcesses:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(on_done_in_loop, outcome)
 
+        def died() -> None:  # on a relay thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(loop.call_later, _DIED_GRACE, lost)
+
+        def lost() -> None:
+            # pebble loses a task whose process dies before pebble has read the process's acknowledgement of
+            # it (its check of dead processes then finds no task to fail): the attempt would wait forever.
+            if task.done() or done.done():
+                return
+            on_done_in_loop(JobProcessDied(f"the job process running run {ctx.run_id} died"))
+            task.cancel()  # type: ignore[no-untyped-call]  # pebble's bookkeeping; frees the flag (on_task_done)
+
+        relay.on_died = died
+
         def on_cancelled(future: asyncio.Future[Any]) -> None:
             if not future.cancelled() or task.done():
                 return
@@ -265,12 +281,20 @@ class JobProcesses:
             ).start()
 
     def _relay_loop(self, conn: Connection) -> None:
+        running: tuple[int, int] | None = None  # the attempt this job process said it started last
         with conn:
             while True:
                 try:
                     run_id, attempt, events = conn.recv()
-                except (EOFError, OSError):
-                    return  # the job process ended (or was terminated mid-send)
+                except (EOFError, OSError):  # the job process ended (or was terminated mid-send)
+                    with self._lock:
+                        relay = self._relays.get(running) if running is not None else None
+                    if relay is not None and relay.on_died is not None:
+                        relay.on_died()  # it ended with that attempt still in flight
+                    return
+                if events is None:
+                    running = (run_id, attempt)
+                    continue
                 with self._lock:
                     relay = self._relays.get((run_id, attempt))
                 if relay is None:
@@ -345,6 +369,11 @@ class _ChildState:
                 if items:
                     self.events.send((k[0], k[1], items))
                     self.sent[k] = self.sent.get(k, 0) + 1
+
+    def started(self, key: tuple[int, int]) -> None:
+        """Tell the worker which attempt runs here (it fails the attempt should this process die unnoticed)."""
+        with self.lock:
+            self.events.send((key[0], key[1], None))
 
     def flush_forever(self) -> None:
         while True:
@@ -472,6 +501,7 @@ def _child_run(
     app = job.app
     ctx = ProcessJobContext(app, run, state, flag)
     state.current = flag
+    state.started(key)
     try:
         kwargs = job.load(run.args)
         if job.spec.context_param is not None:
