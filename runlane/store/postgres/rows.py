@@ -199,4 +199,4 @@ def finish_params(finishes: Sequence[Finish]) -> dict[str, Any]:
         )
         for seq, draft in enumerate(f.events, 1):
             events.append((f.run_id, seq, draft.kind, iso_time(draft.at), draft.data))
-    return {"finishes": dumps(rows), "events": dumps(events)}
+    return {"finishes": dumps(rows), "events": dumps(events), "ids": [f.run_id for f in finishes]}
