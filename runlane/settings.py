@@ -24,6 +24,9 @@ class Settings:
     job_thread_nice: int = 0  # sync jobs' threads run this much nicer than the worker's own (Linux)
     job_processes: int | None = None  # processes for executor="process" jobs; None: the worker's concurrency
     job_process_nice: int = 19  # job processes run this much nicer than the worker (POSIX); 0: as the worker
+    prefetch: int | None = (
+        None  # most runs a worker claims ahead of free slots; None: 4 x concurrency; 0: none
+    )
 
     def __post_init__(self) -> None:
         for name in ("lease_timeout", "poll_interval", "progress_flush_interval"):
@@ -34,6 +37,8 @@ class Settings:
         for name in ("job_thread_nice", "job_process_nice"):
             if not 0 <= getattr(self, name) <= 19:
                 raise ValueError(f"setting {name} must be between 0 and 19, got {getattr(self, name)!r}")
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ValueError(f"setting prefetch must not be negative, got {self.prefetch!r}")
         if self.job_processes is not None and self.job_processes < 1:
             raise ValueError(f"setting job_processes must be at least 1, got {self.job_processes!r}")
         if self.heartbeat_interval is not None and not 0 < self.heartbeat_interval < self.lease_timeout:
@@ -80,7 +85,7 @@ def _coerce(name: str, value: Any) -> Any:
         return None
     if isinstance(value, str) and value.strip().lower() == "none":
         return None
-    if name in {"job_thread_nice", "job_process_nice", "job_processes"}:
+    if name in {"job_thread_nice", "job_process_nice", "job_processes", "prefetch"}:
         try:
             return int(value)
         except (TypeError, ValueError):

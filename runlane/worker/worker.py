@@ -14,6 +14,7 @@ import secrets
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ log = logging.getLogger("runlane.worker")
 T = TypeVar("T")
 
 _PRUNE_EVERY = 300.0
+_PREFETCH_FACTOR = 4  # default bound on runs claimed ahead, per slot (Celery's prefetch multiplier is 4 too)
+_EMA = 0.2  # weight of the newest sample in the body and claim durations that size the prefetch
 
 
 @dataclass(eq=False)
@@ -45,7 +48,7 @@ class ActiveAttempt:
     lease: Lease
     ctx: JobContext
     buffer: EventBuffer
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # None while claimed ahead and waiting for a slot
     body: asyncio.Future[Any] | None = None
     leased_at: float = 0.0  # monotonic time the claim that granted the lease was sent
     lost: bool = False  # the store no longer gives this attempt the run: write nothing more
@@ -80,6 +83,11 @@ class Worker:
         self._orphans_suspected = False  # a claim failed: it may have committed and lost only its reply
         self._unrecorded: set[int] = set()  # runs executed here whose end could not be written
         self._reserved = 0  # slots promised to a claim in flight (the claim loop's or the finisher's)
+        self._running = 0  # attempts whose body started and whose slot is not free yet
+        self._waiting: deque[ActiveAttempt] = deque()  # claimed ahead (prefetched), not started yet
+        self._body_time: float | None = None  # moving average of a body's duration, seconds
+        self._claim_time: float | None = None  # moving average of a claim round trip, seconds
+        self._limited = False  # limits apply to some job or queue of this worker: no prefetch
         self._found_empty: int | None = (
             None  # the `work` generation at which a finisher's claim found nothing
         )
@@ -153,6 +161,7 @@ class Worker:
         self._flush_kick = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         store = self._store = await self.app.open_store()
+        self._limited = self._declares_limits()
         await store.register_jobs([job.info() for job in self.app.jobs.values()])
         await sync_app(self.app, store, self.id)  # limits and declared schedules, before the first claim
         await store.register_worker(
@@ -330,7 +339,23 @@ class Worker:
                 await notifier.wait("work", generation, timeout, event=self._kick)
 
     def _free_slots(self) -> int:
-        return self.concurrency - len(self._active) - self._reserved
+        return self.concurrency + self._prefetch() - len(self._active) - self._reserved
+
+    def _prefetch(self) -> int:
+        """How many runs to claim beyond the free slots: about as many as this worker starts during one claim
+        round trip, so that it executes runs while the next claim is at the store instead of waiting for it
+        (a no-op drain: the whole ``prefetch`` setting), and none when bodies outlast a round trip by far
+        (long jobs stay claimable by idle workers). A run claimed ahead therefore waits about one round trip
+        for its slot; it is leased and heartbeated like a running one, and handed back unstarted at shutdown.
+        None under limits: a run claimed ahead would hold a limit slot while it waits for one of ours."""
+        if self._limited:
+            return 0
+        limit = (
+            _PREFETCH_FACTOR * self.concurrency if self.settings.prefetch is None else self.settings.prefetch
+        )
+        if limit <= 0 or self._body_time is None or self._claim_time is None:
+            return 0
+        return min(limit, int(self.concurrency * self._claim_time / max(self._body_time, 1e-6)))
 
     async def _flush_finishes(self, store: Store, batch: Sequence[Finish]) -> Sequence[bool]:
         """Write ends of attempts and, in the same round trip, claim runs for the slots they freed."""
@@ -372,10 +397,12 @@ class Worker:
                 await self._release_orphans(store)
             sent = time.monotonic()
             try:
-                return await claim(), sent
+                result = await claim()
             except StoreUnavailable:
                 self._orphans_suspected = True
                 raise
+            self._claim_time = _average(self._claim_time, time.monotonic() - sent)
+            return result, sent
 
     async def _release_orphans(self, store: Store) -> None:
         """A claim that failed may have committed and lost only its reply (a connection reset): its runs are
@@ -396,13 +423,16 @@ class Worker:
             log.warning("worker %s: handed back %d runs claimed by a lost reply", self.id, len(released))
         self._orphans_suspected = False
 
-    async def _held_by_limits(self, store: Store) -> bool:
-        """Burst mode: are runs of this worker's unpaused queues pending while limits hold them back?"""
+    def _declares_limits(self) -> bool:
+        """Whether a concurrency or rate limit applies to some job or queue of this worker."""
         app = self.app
-        limited = any(app.jobs[j].options.limits.limited for j in self.job_names) or any(
+        return any(app.jobs[j].options.limits.limited for j in self.job_names) or any(
             q in app.queue_limits for q in self.queues
         )
-        if not limited:
+
+    async def _held_by_limits(self, store: Store) -> bool:
+        """Burst mode: are runs of this worker's unpaused queues pending while limits hold them back?"""
+        if not self._declares_limits():
             return False
         stats = await store.queue_stats()
         return any(q.pending and not q.paused for q in stats if q.name in self.queues)
@@ -432,7 +462,21 @@ class Worker:
         )
         self._active[run.id] = active
         self._heartbeat.add(active.lease, renewed_at=leased_at)
-        active.task = asyncio.create_task(self._execute(active, job), name=f"runlane-run-{run.id}")
+        if self._running < self.concurrency:
+            self._begin(active, job)
+        else:
+            self._waiting.append(active)
+
+    def _begin(self, active: ActiveAttempt, job: Any) -> None:
+        self._running += 1
+        active.task = asyncio.create_task(self._execute(active, job), name=f"runlane-run-{active.run.id}")
+
+    def _begin_waiting(self) -> None:
+        """Start runs claimed ahead, oldest first, while slots are free (not once stopping: they go back)."""
+        while self._waiting and self._running < self.concurrency and not self._stopping:
+            active = self._waiting.popleft()
+            if active.task is None and self._active.get(active.run.id) is active:
+                self._begin(active, self.app.jobs[active.run.job])
 
     async def _release_late(self, run: Run) -> None:
         assert self._store is not None
@@ -451,7 +495,9 @@ class Worker:
         try:
             if not await self._still_leased(active):
                 return
+            began = time.monotonic()
             outcome = await execute_attempt(job, active, self._pool, self._processes)
+            self._body_time = _average(self._body_time, time.monotonic() - began)
             if outcome is None or active.lost or active.released:
                 return
             async with self._flush_lock:  # events of an in-flight flush must land before the end
@@ -508,6 +554,8 @@ class Worker:
         may already be running elsewhere or be cancelled. Neither is the common case, so the hot path makes
         no extra round trip."""
         assert self._store is not None
+        if active.lost:  # while it waited for a slot
+            return False
         prompt = time.monotonic() - active.leased_at < self.settings.effective_heartbeat_interval
         if prompt and self._store.notifier.last_signalled("cancel") < active.leased_at:
             return True
@@ -521,7 +569,13 @@ class Worker:
         return not active.lost
 
     def _free_slot(self, active: ActiveAttempt) -> None:
-        if self._active.pop(active.run.id, None) is not None and self._kick is not None:
+        if self._active.get(active.run.id) is not active:
+            return
+        del self._active[active.run.id]
+        if active.task is not None:
+            self._running -= 1
+            self._begin_waiting()
+        if self._kick is not None:
             self._kick.set()
 
     # -- losing runs ------------------------------------------------------------------------------------------------
@@ -542,6 +596,11 @@ class Worker:
             if active is None or active.lost:
                 continue
             active.lost = True
+            if active.task is None:  # claimed ahead, never started: nothing to stop or to write
+                self._free_slot(active)
+                if self._heartbeat is not None:
+                    self._heartbeat.remove(run_id)
+                continue
             active.ctx._cancel()
             if active.body is not None and not active.body.done():
                 active.body.cancel()
@@ -618,11 +677,36 @@ class Worker:
 
     # -- shutdown -------------------------------------------------------------------------------------------------------
 
+    async def _release_waiting(self, store: Store) -> None:
+        """Hand back at once the runs claimed ahead that never started: another worker can run them now."""
+        waiting = [
+            a for a in self._waiting if a.task is None and not a.lost and self._active.get(a.run.id) is a
+        ]
+        self._waiting.clear()
+        if not waiting:
+            return
+        for active in waiting:
+            active.released = True
+        try:
+            released = await store.release_runs([a.lease for a in waiting], worker_id=self.id)
+            log.info("worker %s: handed back %d runs claimed ahead", self.id, len(released))
+        except StoreUnavailable as exc:
+            log.error(
+                "worker %s: could not hand back runs claimed ahead (they return after lease expiry): %s",
+                self.id,
+                exc,
+            )
+        for active in waiting:
+            self._free_slot(active)
+            if self._heartbeat is not None:
+                self._heartbeat.remove(active.run.id)
+
     async def _drain(self, store: Store) -> None:
         """Let running attempts finish within ``shutdown_timeout``; hand the rest back without using an attempt."""
         assert self._finisher is not None
         if self._hard_stop:
             return
+        await self._release_waiting(store)
         tasks = [a.task for a in self._active.values() if a.task is not None]
         if tasks:
             log.info(
@@ -651,3 +735,7 @@ class Worker:
                 await asyncio.wait(remaining, timeout=1.0)
         await self._finisher.drain()
         await self._flush_events(store)
+
+
+def _average(average: float | None, sample: float) -> float:
+    return sample if average is None else average + _EMA * (sample - average)
