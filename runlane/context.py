@@ -65,7 +65,7 @@ class JobContext:
         self._app = app
         self._run = run
         self._buffer = buffer if buffer is not None else EventBuffer()
-        self._cancelled = threading.Event()
+        self._cancelled = False  # set once, from any thread (a bool: this object is made for every run)
         self._cancel_hooks: list[Callable[[], None]] = []
         self._client: Client | None = None
         self._async_client: AsyncClient | None = None
@@ -133,21 +133,21 @@ class JobContext:
     @property
     def cancelled(self) -> bool:
         """True once the run was cancelled, or this attempt lost its lease, or the attempt timed out."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def raise_if_cancelled(self) -> None:
         if self.cancelled:
             raise AttemptCancelled(f"run {self.run_id} attempt {self.attempt} was cancelled")
 
     def _cancel(self) -> None:
-        self._cancelled.set()
+        self._cancelled = True
         for hook in self._cancel_hooks:
             hook()
 
     def _on_cancel(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` when the attempt is cancelled (at once if it already is): a job process's flag."""
         self._cancel_hooks.append(hook)
-        if self._cancelled.is_set():
+        if self._cancelled:
             hook()
 
     # -- inputs ---------------------------------------------------------------------------------------------------

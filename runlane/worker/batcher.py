@@ -29,7 +29,8 @@ class Batcher(Generic[T, R]):
         self._pending.append((item, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="runlane-batcher")
-        return await asyncio.shield(future)
+        # Not shielded: cancelling a submitter cancels only its own future, which the flush then skips.
+        return await future
 
     async def _run(self) -> None:
         while self._pending:

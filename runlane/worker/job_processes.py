@@ -453,7 +453,7 @@ class ProcessJobContext(JobContext):
 
     @property
     def cancelled(self) -> bool:
-        return bool(self._state.flags[self._flag]) or self._cancelled.is_set()
+        return bool(self._state.flags[self._flag]) or self._cancelled
 
     def inputs(self) -> InputStream:
         raise RunlaneError(
