@@ -115,6 +115,7 @@ class Worker:
 
     @property
     def active_run_ids(self) -> list[int]:
+        """Runs leased to this worker: running, or claimed ahead and waiting for a slot."""
         return list(self._active)
 
     @property
