@@ -76,6 +76,12 @@ async def ledger_probe_async(key: str, duration_ms: int, ctx: JobContext) -> str
     return await _async_sleep(ctx, key, duration_ms)
 
 
+@app.job(retry=PROBE_RETRY, queue="fast")
+async def fast_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
+    """Short runs in a queue of their own, no limits: workers of that queue claim ahead (prefetch)."""
+    return await _async_sleep(ctx, key, duration_ms)
+
+
 @app.job(retry=PROBE_RETRY, max_concurrency=5)
 def limited_probe(key: str, duration_ms: int, ctx: JobContext) -> str:
     return _sleep_honouring_cancel(ctx, key, duration_ms)
