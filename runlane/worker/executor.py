@@ -95,7 +95,7 @@ def _start_body(
     return loop.run_in_executor(pool, contextvars.copy_context().run, call)
 
 
-async def _settled(body: asyncio.Future[Any]) -> bool:
+async def _settled(body: asyncio.Future[Any]) -> None:
     """Wait for ``body`` to end however it ends, like ``asyncio.wait({body})`` without its waiter future and
     callbacks (this runs for every attempt). Cancelling the waiting task cancels the body too and re-raises;
     the body's own end, a cancellation included (the job's own or the worker's ``body.cancel()``), is left
@@ -106,7 +106,6 @@ async def _settled(body: asyncio.Future[Any]) -> bool:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise
-    return True
 
 
 async def execute_attempt(
@@ -127,10 +126,8 @@ async def execute_attempt(
     except Exception as exc:  # the call itself raised before a coroutine existed (sync wrappers)
         return _failed(job, active, exc, error_info(exc))
     if job.options.timeout is None:
-        done = await _settled(body)
-    else:
-        done = bool((await asyncio.wait({body}, timeout=job.options.timeout))[0])
-    if not done:
+        await _settled(body)
+    elif not (await asyncio.wait({body}, timeout=job.options.timeout))[0]:
         ctx._cancel()
         body.cancel()  # an async job is interrupted; a sync one only sees ctx.cancelled
         timeout_error = JobTimeout(

@@ -15,6 +15,7 @@ def test_defaults() -> None:
     assert s.progress_flush_interval == 0.5
     assert s.job_thread_nice == 0
     assert s.job_process_nice == 19
+    assert s.prefetch is None  # the worker's default: at most 4 x its concurrency
 
 
 def test_environment_then_explicit_arguments_win() -> None:
@@ -43,6 +44,11 @@ def test_bad_values_name_the_setting() -> None:
     assert Settings.load({}, environ={"RUNLANE_JOB_PROCESS_NICE": "3"}).job_process_nice == 3
     with pytest.raises(ValueError, match="job_process_nice"):
         Settings(job_process_nice=-1)
+    assert Settings.load({}, environ={"RUNLANE_PREFETCH": "0"}).prefetch == 0
+    with pytest.raises(ValueError, match="prefetch"):
+        Settings.load({}, environ={"RUNLANE_PREFETCH": "many"})
+    with pytest.raises(ValueError, match="prefetch"):
+        Settings(prefetch=-1)
 
 
 def test_app_reads_url_and_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
