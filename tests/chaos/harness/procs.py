@@ -210,8 +210,11 @@ class WorkerPool:
             assert slot.proc is not None
             if slot.paused:
                 os.kill(slot.proc.pid, signal.SIGCONT)
-            fault = self.faults.instant("kill", slot.proc.pid, detail)
             slot.proc.kill()
+            # Stamped once the signal is sent: an execution whose ledger row the process wrote before dying
+            # then starts before its kill. Stamped before (as it was), a row written between the stamp and the
+            # signal looked like an execution the kill never ended, overlapping its own re-execution (T19).
+            fault = self.faults.instant("kill", slot.proc.pid, detail)
             self._unlock(slot)  # the kernel lets go of a dead process's locks
         slot.proc.wait(timeout=10)
         return fault
@@ -225,8 +228,8 @@ class WorkerPool:
                 slot.held = True
                 if slot.alive:
                     assert slot.proc is not None
-                    faults.append(self.faults.instant("kill", slot.proc.pid, detail))
                     slot.proc.kill()  # a stopped process dies of SIGKILL too
+                    faults.append(self.faults.instant("kill", slot.proc.pid, detail))  # after: see kill()
         for slot in self.slots:
             if slot.proc is not None:
                 slot.proc.wait(timeout=10)
@@ -237,8 +240,10 @@ class WorkerPool:
             if not slot.alive or slot.paused:
                 return None
             assert slot.proc is not None
-            fault = self.faults.begin("pause", slot.proc.pid, detail)
             os.kill(slot.proc.pid, signal.SIGSTOP)
+            # After the signal, like a kill: an execution the process started before it stopped then starts
+            # before the pause, and the checker counts it as a fenced zombie (up to the pause) once reclaimed.
+            fault = self.faults.begin("pause", slot.proc.pid, detail)
             slot.paused = True
             if sqlite_write_lock_holder(self.env.get("RUNLANE_URL", "")) == slot.proc.pid:
                 # Every writer of the file now waits for this process: for them, the store is down.
