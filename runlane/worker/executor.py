@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -68,12 +68,18 @@ def _drain_stream(stream: Iterator[Any], ctx: JobContext) -> int:
     return count
 
 
+class _Stale(Exception):
+    """A job thread became free only after the attempt's lease went stale (the worker was stopped, or every
+    thread was still busy with bodies that had not yet noticed their own cancellation): not started."""
+
+
 def _start_body(
     job: Job[Any, Any],
     kwargs: dict[str, Any],
     ctx: JobContext,
     pool: ThreadPoolExecutor,
     processes: JobProcesses | None,
+    fresh: Callable[[], bool] | None = None,
 ) -> asyncio.Future[Any]:
     loop = asyncio.get_running_loop()
     if job.options.executor == "process":
@@ -84,13 +90,22 @@ def _start_body(
     if job.is_async:
         coro: Coroutine[Any, Any, Any] = job.func(**kwargs)
         return asyncio.ensure_future(coro)
+    body: Callable[[], Any]
     if job.is_generator:
 
-        def call() -> Any:
+        def body() -> Any:
             return _drain_stream(job.func(**kwargs), ctx)
 
     else:
-        call = functools.partial(job.func, **kwargs)
+        body = functools.partial(job.func, **kwargs)
+
+    def call() -> Any:
+        # A queued body starts only while its lease is still ours: the check before it was queued is no
+        # longer enough once it has waited (seen in T19: a body started as its stopped worker resumed).
+        if ctx.cancelled or (fresh is not None and not fresh()):
+            raise _Stale(f"run {ctx.run_id} attempt {ctx.attempt}: lease stale before a job thread was free")
+        return body()
+
     # Run in a copy of the context so contextvars set by hooks reach sync jobs too.
     return loop.run_in_executor(pool, contextvars.copy_context().run, call)
 
@@ -113,7 +128,9 @@ async def execute_attempt(
     active: ActiveAttempt,
     pool: ThreadPoolExecutor,
     processes: JobProcesses | None = None,
+    fresh: Callable[[], bool] | None = None,
 ) -> Finish | None:
+    """``fresh`` says (from any thread) whether the attempt's lease is still fresh enough to start a body."""
     run, ctx = active.run, active.ctx
     try:
         kwargs = job.load(run.args)
@@ -122,7 +139,7 @@ async def execute_attempt(
     if job.spec.context_param is not None:
         kwargs[job.spec.context_param] = ctx
     try:
-        body = active.body = _start_body(job, kwargs, ctx, pool, processes)
+        body = active.body = _start_body(job, kwargs, ctx, pool, processes, fresh)
     except Exception as exc:  # the call itself raised before a coroutine existed (sync wrappers)
         return _failed(job, active, exc, error_info(exc))
     if job.options.timeout is None:
@@ -142,6 +159,8 @@ async def execute_attempt(
         inner = asyncio.CancelledError(f"job {job.name!r} was cancelled from inside the attempt")
         return _failed(job, active, inner, ErrorInfo("CancelledError", str(inner)))
     raised = body.exception()
+    if isinstance(raised, _Stale):  # never started: the lease is the watchdog's and the reaper's to settle
+        return None
     if raised is not None:
         raised, error = unwrap(raised)
         return _failed(job, active, raised, error or error_info(raised))

@@ -84,10 +84,15 @@ class Heartbeat:
         with self._lock:
             return self._renewed.get(run_id)
 
-    def remove(self, run_id: int) -> None:
+    def remove(self, lease: Lease) -> None:
+        """Stop renewing ``lease``; a later attempt of the same run, already added, keeps its renewals (an
+        immediate retry is claimed in the flight that records the attempt before it)."""
         with self._lock:
-            self._leases.pop(run_id, None)
-            self._renewed.pop(run_id, None)
+            held = self._leases.get(lease.run_id)
+            if held is not None and held.attempt != lease.attempt:
+                return
+            self._leases.pop(lease.run_id, None)
+            self._renewed.pop(lease.run_id, None)
 
     def _serve(self) -> None:
         # At a fixed rate from each beat's start: a slow beat (a busy store, a starved thread) must not also

@@ -497,7 +497,8 @@ class Worker:
             if not await self._still_leased(active):
                 return
             began = time.monotonic()
-            outcome = await execute_attempt(job, active, self._pool, self._processes)
+            fresh = functools.partial(self._lease_fresh, active.run.id)
+            outcome = await execute_attempt(job, active, self._pool, self._processes, fresh)
             self._body_time = _average(self._body_time, time.monotonic() - began)
             if outcome is None or active.lost or active.released:
                 return
@@ -522,7 +523,7 @@ class Worker:
             self._finishing.pop(active.run.id, None)
             self._free_slot(active)
             if self._heartbeat is not None:  # renewed until the end is written, even through an outage
-                self._heartbeat.remove(active.run.id)
+                self._heartbeat.remove(active.lease)
 
     async def _record_finish(self, finish: Finish, active: ActiveAttempt) -> bool | None:
         """Write an attempt's end, retrying through a store outage for up to one lease period (the write is
@@ -569,6 +570,14 @@ class Worker:
             return False
         return not active.lost
 
+    def _lease_fresh(self, run_id: int) -> bool:
+        """Called from job threads: is this lease younger than the heartbeat's fence (see heartbeat.py)?"""
+        heartbeat = self._heartbeat
+        if heartbeat is None:
+            return False
+        renewed = heartbeat.renewed_at(run_id)
+        return renewed is not None and time.monotonic() - renewed < heartbeat.fence_after
+
     def _free_slot(self, active: ActiveAttempt) -> None:
         if self._active.get(active.run.id) is not active:
             return
@@ -600,7 +609,7 @@ class Worker:
             if active.task is None:  # claimed ahead, never started: nothing to stop or to write
                 self._free_slot(active)
                 if self._heartbeat is not None:
-                    self._heartbeat.remove(run_id)
+                    self._heartbeat.remove(active.lease)
                 continue
             active.ctx._cancel()
             if active.body is not None and not active.body.done():
@@ -700,7 +709,7 @@ class Worker:
         for active in waiting:
             self._free_slot(active)
             if self._heartbeat is not None:
-                self._heartbeat.remove(active.run.id)
+                self._heartbeat.remove(active.lease)
 
     async def _drain(self, store: Store) -> None:
         """Let running attempts finish within ``shutdown_timeout``; hand the rest back without using an attempt."""

@@ -1,6 +1,6 @@
 """A worker cut off from its store fences itself: it never starts, renews or finishes an attempt whose lease
 may have passed to another worker, and it hands back runs claimed by a reply it never got. Regressions found
-by the chaos tests T04, T06, T07 and T08 (tests/chaos)."""
+by the chaos tests T04, T06, T07, T08 and T19 (tests/chaos)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
-from runlane import JobContext, Runlane, RunStatus
+from runlane import JobContext, Retry, Runlane, RunStatus
 from runlane.errors import StoreUnavailable
 from runlane.store import Store
+from runlane.worker.worker import Worker
 
 LEASE = 1.0
 HEARTBEAT = 0.2
@@ -189,6 +190,36 @@ async def test_long_attempt_heartbeat_sync_jobs_run_nicer_than_the_worker(
             await client.wait(run.id, timeout=30)
         assert seen and seen[0][0] == min(worker_nice + 7, 19)
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == worker_nice  # the worker's own
+    finally:
+        await client.aclose()
+        await app.aclose()
+
+
+async def test_a_sync_body_whose_lease_went_stale_while_it_waited_for_a_thread_never_starts(
+    make_app: Callable[..., Runlane], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (T19): a sync body queued behind busy job threads started when its stopped worker resumed,
+    after its lease had gone stale. A body now starts only while its lease is younger than the heartbeat's
+    fence; here every lease looks stale to the job threads, so no attempt ever starts and the reaper settles
+    each one as a lost worker's."""
+    app = make_app(lease_timeout=1.0, reaper_interval=0.2)
+    await app.migrate()
+    started: list[int] = []
+
+    @app.job(retry=Retry(attempts=2, backoff=0.01))
+    def late() -> None:
+        started.append(1)
+
+    monkeypatch.setattr(Worker, "_lease_fresh", lambda self, run_id: False)
+    client = app.async_client
+    try:
+        async with app.worker(concurrency=1):
+            run = await client.trigger(late)
+            done = await client.wait(run.id, timeout=30)
+        assert started == []
+        assert done.status is RunStatus.FAILED
+        attempts = await client.attempts(run.id)
+        assert [a.error.type if a.error else None for a in attempts] == ["WorkerLost", "WorkerLost"]
     finally:
         await client.aclose()
         await app.aclose()

@@ -72,10 +72,25 @@ def test_a_renewed_lease_is_kept_and_a_refused_one_is_reported() -> None:
     heartbeat.add(Lease(2, 3))
     heartbeat.beat()
     assert [ids for _, ids in lost] == [{2}]
-    heartbeat.remove(2)
+    heartbeat.remove(Lease(2, 3))
     heartbeat.beat()
     assert store.sent == [{1, 2}, {1}]
     assert len(lost) == 1
+
+
+def test_ending_an_attempt_keeps_renewing_the_next_attempt_of_its_run() -> None:
+    """An immediate retry is claimed in the flight that records the attempt before it, so the next attempt's
+    lease is added before the previous attempt is removed: removing the old one must leave the new one."""
+    store = SlowStore(delay=0.0)
+    heartbeat = make(store, [])
+    heartbeat.add(Lease(1, 1))
+    heartbeat.add(Lease(1, 2))  # the retry, claimed and started
+    heartbeat.remove(Lease(1, 1))  # the first attempt's end, written
+    assert heartbeat.renewed_at(1) is not None
+    heartbeat.beat()
+    assert store.sent == [{1}]
+    heartbeat.remove(Lease(1, 2))
+    assert heartbeat.renewed_at(1) is None
 
 
 def test_a_failed_renewal_fences_only_what_is_a_lease_old() -> None:
