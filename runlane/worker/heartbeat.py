@@ -84,6 +84,15 @@ class Heartbeat:
         with self._lock:
             return self._renewed.get(run_id)
 
+    def fresh(self, lease: Lease) -> bool:
+        """Whether ``lease`` is held and younger than the fence (callable from any thread): a body may start."""
+        with self._lock:
+            held = self._leases.get(lease.run_id)
+            renewed = self._renewed.get(lease.run_id)
+        if held is None or held.attempt != lease.attempt or renewed is None:
+            return False
+        return time.monotonic() - renewed < self.fence_after
+
     def remove(self, lease: Lease) -> None:
         """Stop renewing ``lease``; a later attempt of the same run, already added, keeps its renewals (an
         immediate retry is claimed in the flight that records the attempt before it)."""

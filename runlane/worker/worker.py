@@ -497,7 +497,7 @@ class Worker:
             if not await self._still_leased(active):
                 return
             began = time.monotonic()
-            fresh = functools.partial(self._lease_fresh, active.run.id)
+            fresh = functools.partial(self._heartbeat.fresh, active.lease) if self._heartbeat else None
             outcome = await execute_attempt(job, active, self._pool, self._processes, fresh)
             self._body_time = _average(self._body_time, time.monotonic() - began)
             if outcome is None or active.lost or active.released:
@@ -569,14 +569,6 @@ class Worker:
             self._lose({active.run.id})
             return False
         return not active.lost
-
-    def _lease_fresh(self, run_id: int) -> bool:
-        """Called from job threads: is this lease younger than the heartbeat's fence (see heartbeat.py)?"""
-        heartbeat = self._heartbeat
-        if heartbeat is None:
-            return False
-        renewed = heartbeat.renewed_at(run_id)
-        return renewed is not None and time.monotonic() - renewed < heartbeat.fence_after
 
     def _free_slot(self, active: ActiveAttempt) -> None:
         if self._active.get(active.run.id) is not active:

@@ -17,7 +17,7 @@ import pytest
 from runlane import JobContext, Retry, Runlane, RunStatus
 from runlane.errors import StoreUnavailable
 from runlane.store import Store
-from runlane.worker.worker import Worker
+from runlane.worker.heartbeat import Heartbeat
 
 LEASE = 1.0
 HEARTBEAT = 0.2
@@ -210,7 +210,7 @@ async def test_a_sync_body_whose_lease_went_stale_while_it_waited_for_a_thread_n
     def late() -> None:
         started.append(1)
 
-    monkeypatch.setattr(Worker, "_lease_fresh", lambda self, run_id: False)
+    monkeypatch.setattr(Heartbeat, "fresh", lambda self, lease: False)
     client = app.async_client
     try:
         async with app.worker(concurrency=1):

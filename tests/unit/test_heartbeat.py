@@ -87,10 +87,12 @@ def test_ending_an_attempt_keeps_renewing_the_next_attempt_of_its_run() -> None:
     heartbeat.add(Lease(1, 2))  # the retry, claimed and started
     heartbeat.remove(Lease(1, 1))  # the first attempt's end, written
     assert heartbeat.renewed_at(1) is not None
+    assert heartbeat.fresh(Lease(1, 2)) and not heartbeat.fresh(Lease(1, 1))
     heartbeat.beat()
     assert store.sent == [{1}]
     heartbeat.remove(Lease(1, 2))
     assert heartbeat.renewed_at(1) is None
+    assert not heartbeat.fresh(Lease(1, 2))
 
 
 def test_a_failed_renewal_fences_only_what_is_a_lease_old() -> None:
@@ -135,3 +137,11 @@ def test_limits_under_chaos_an_attempt_is_fenced_before_its_lease_can_expire() -
     heartbeat._fence(granted + fence_age(LEASE) + 1e-6)
     assert [ids for _, ids in lost] == [{1}]
     assert heartbeat._next_deadline() == granted + 0.1 + fence_age(LEASE)
+
+
+def test_a_lease_older_than_the_fence_is_not_fresh() -> None:
+    heartbeat = make(SlowStore(delay=0.0), [])
+    heartbeat.add(Lease(1, 1), renewed_at=time.monotonic() - heartbeat.fence_after - 0.01)
+    heartbeat.add(Lease(2, 1))
+    assert not heartbeat.fresh(Lease(1, 1))
+    assert heartbeat.fresh(Lease(2, 1))
