@@ -17,6 +17,7 @@ from bench import probe
 from bench.systems.base import DATA_DIR, Base, bin_path, reset_sqlite, version
 
 PATH = DATA_DIR / "huey.db"
+PATH.parent.mkdir(parents=True, exist_ok=True)  # SqliteHuey opens its file on import, on a fresh clone too
 
 huey = SqliteHuey("bench", filename=os.environ.get("BENCH_HUEY_DB", str(PATH)))
 

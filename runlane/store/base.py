@@ -173,6 +173,11 @@ class Store(SchedulesAndLimits):
     async def close(self) -> None:
         """Release connections and threads. Idempotent."""
 
+    async def listen(self) -> None:
+        """Receive other processes' wake-ups from now on (a worker, before its first claim). Without it a
+        store starts receiving them at the first ``notifier.wait``, so a process that only triggers pays
+        nothing for them; the first waiter is then woken once reception is live, in case it missed one."""
+
     async def release_loop(self) -> None:
         """Release what this store holds for the running event loop (a pool bound to it) before that loop
         stops; the store stays usable from other loops and from this one again later."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal
 
 Topic = Literal["work", "change", "cancel"]
@@ -22,6 +23,9 @@ class Notifier:
     """Thread-safe and loop-agnostic: any thread may notify; waiters on any event loop are woken."""
 
     def __init__(self) -> None:
+        self.on_first_wait: Callable[[], None] | None = None
+        """Called once, by the first ``wait``: a store that receives other processes' wake-ups only once
+        something waits for them (a process that only triggers never does) starts receiving them here."""
         self._lock = threading.Lock()
         self._generation: dict[Topic, int] = dict.fromkeys(TOPICS, 0)
         self._last: dict[Topic, float] = dict.fromkeys(TOPICS, float("-inf"))
@@ -59,6 +63,9 @@ class Notifier:
         A caller may pass its own ``event`` so that a local kick (a freed slot, a new waiter) ends the same
         wait; it should clear that event before it snapshots the generation for the next round.
         """
+        if self.on_first_wait is not None:
+            hook, self.on_first_wait = self.on_first_wait, None
+            hook()
         event = event if event is not None else asyncio.Event()
         if event.is_set():
             return True

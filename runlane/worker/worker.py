@@ -162,6 +162,7 @@ class Worker:
         self._flush_kick = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         store = self._store = await self.app.open_store()
+        await store.listen()  # an idle worker must hear of new work from its first wait on
         self._limited = self._declares_limits()
         await store.register_jobs([job.info() for job in self.app.jobs.values()])
         await sync_app(self.app, store, self.id)  # limits and declared schedules, before the first claim

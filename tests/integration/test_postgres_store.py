@@ -84,6 +84,7 @@ def test_options_come_from_the_url_and_explicit_ones_win() -> None:
 
 async def test_connections_carry_the_application_name_and_timeout(pg: PostgresStore, pg_url: str) -> None:
     await pg.get_run(1)
+    await pg.listen()
     with psycopg.connect(pg_url, autocommit=True) as conn:
         names = {r[0] for r in conn.execute("SELECT application_name FROM pg_stat_activity").fetchall()}
     assert {"runlane", "runlane-listener"} <= names
@@ -93,6 +94,7 @@ async def test_connections_carry_the_application_name_and_timeout(pg: PostgresSt
 
 
 async def test_another_store_wakes_this_one_without_run_payloads(pg: PostgresStore, pg_url: str) -> None:
+    await pg.listen()
     other = PostgresStore(pg_url)
     await other.open()
     with psycopg.connect(pg_url, autocommit=True) as spy:
@@ -110,6 +112,7 @@ async def test_another_store_wakes_this_one_without_run_payloads(pg: PostgresSto
 
 
 async def test_listener_reconnects_after_its_backend_is_terminated(pg: PostgresStore, pg_url: str) -> None:
+    await pg.listen()
     listener = pg.listener
     assert listener is not None and listener.backend_pid is not None
     connections = listener.connections
@@ -126,9 +129,31 @@ async def test_listener_reconnects_after_its_backend_is_terminated(pg: PostgresS
     assert await pg.notifier.wait("work", since, WAIT)
 
 
+async def test_a_store_listens_once_something_waits_and_wakes_that_waiter(pg_url: str) -> None:
+    """A process that only triggers never pays for LISTEN (its own NOTIFYs would wake the thread); the
+    first wait starts it and, since a wake-up may have been missed meanwhile, ends once it is live."""
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        await store.insert_runs([NewRun("a", {})])
+        assert store.listener is None
+        assert not any(t.name == "runlane-pg-listener" for t in threading.enumerate())
+        since = store.notifier.generation("work")
+        assert await store.notifier.wait("work", since, WAIT)
+        assert store.listener is not None and store.listener.backend_pid is not None
+        since = store.notifier.generation("work")
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("NOTIFY runlane_work")
+        assert await store.notifier.wait("work", since, WAIT)
+    finally:
+        await store.close()
+    assert not any(t.name == "runlane-pg-listener" for t in threading.enumerate())
+
+
 async def test_close_stops_the_listener_thread(pg_url: str) -> None:
     store = PostgresStore(pg_url)
     await store.open()
+    await store.listen()
     assert any(t.name == "runlane-pg-listener" for t in threading.enumerate())
     await store.close()
     await store.close()  # idempotent
@@ -147,6 +172,7 @@ async def test_transactional_insert_exists_iff_the_caller_commits_sync(
         conn.rollback()
     assert await pg.get_run(run.id) is None
 
+    await pg.listen()
     since = pg.notifier.generation("work")
     with psycopg.connect(pg_url) as conn:
         with conn.transaction():

@@ -33,6 +33,37 @@ MAX_ROUNDS = 100
 
 Step = tuple[LiteralString, dict[str, Any]]
 Plan = Generator[Step, list[tuple[Any, ...]], tuple[list[Run], int]]
+"""Every step is a query that returns rows (possibly none): the drivers fetch without asking."""
+
+
+def _plain(run: NewRun) -> bool:
+    """Whether ``insert_plain`` can insert the run: none of the columns it leaves at their defaults is set."""
+    return (
+        run.dedup_id is None
+        and run.not_before is None
+        and run.not_after is None
+        and run.parent_run_id is None
+        and run.batch_id is None
+        and run.schedule_id is None
+        and run.continue_when is None
+        and run.concurrency_key is None
+    )
+
+
+def _single(run: NewRun, now: datetime | None, token: str) -> Step:
+    """The statement and parameters inserting one run."""
+    if _plain(run):
+        return Q["insert_plain"], {
+            "job": run.job,
+            "args": dumps(run.args),
+            "queue": run.queue,
+            "priority": run.priority,
+            "max_attempts": run.max_attempts,
+            "tags": text_array(run.tags),
+            "now": now,
+            "token": token,
+        }
+    return Q["insert_one"], {**_scalars(run), "now": now, "token": token, "channels": ["runlane_work"]}
 
 
 def _scalars(run: NewRun) -> dict[str, Any]:
@@ -121,14 +152,18 @@ def insert_plan(
         conflicts: list[int] = []
         for start in range(0, len(todo), CHUNK):
             chunk = todo[start : start + CHUNK]
-            single = len(chunk) == 1
-            params: dict[str, Any] = {
-                **(_scalars(runs[chunk[0]]) if single else {"rows": rows_document([runs[i] for i in chunk])}),
-                "now": now,
-                "token": token,
-                "channels": ["runlane_work"],
-            }
-            rows = yield (Q["insert_one"] if single else Q["insert_runs"]), params
+            if len(chunk) == 1:
+                rows = yield _single(runs[chunk[0]], now, token)
+            else:
+                rows = yield (
+                    Q["insert_runs"],
+                    {
+                        "rows": rows_document([runs[i] for i in chunk]),
+                        "now": now,
+                        "token": token,
+                        "channels": ["runlane_work"],
+                    },
+                )
             for ord_, id_, status, root_run_id, created_at in rows:
                 position = chunk[ord_ - 1]
                 if id_ is None:
@@ -181,7 +216,7 @@ async def drive_async(conn: psycopg.AsyncConnection[Any], plan: Plan) -> tuple[l
         while True:
             query, params = plan.send(rows) if rows is not None else next(plan)
             cur = await conn.execute(query, params)
-            rows = await cur.fetchall() if cur.description else []
+            rows = await cur.fetchall()
     except StopIteration as stop:
         result: tuple[list[Run], int] = stop.value
         return result
@@ -193,7 +228,7 @@ def drive_sync(conn: psycopg.Connection[Any], plan: Plan) -> tuple[list[Run], in
         while True:
             query, params = plan.send(rows) if rows is not None else next(plan)
             cur = conn.execute(query, params)
-            rows = cur.fetchall() if cur.description else []
+            rows = cur.fetchall()
     except StopIteration as stop:
         result: tuple[list[Run], int] = stop.value
         return result

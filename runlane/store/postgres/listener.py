@@ -5,8 +5,8 @@ LISTEN belongs to a session). It lives on a private event loop in a daemon threa
 whichever loops the store is used from, and while any of them is blocked by a job.
 
 Notifications only shorten waits: every waiter also polls. So a dropped connection is simply reconnected with
-capped backoff, and since wake-ups sent while it was down are lost, every topic is signalled once after a
-reconnect. Notifications that carry this store's own token are skipped: the store already signalled those
+capped backoff, and since wake-ups sent while it was down are lost, every topic is signalled once whenever a
+session starts listening (also the first: it starts when something first waits, which may have missed one). Notifications that carry this store's own token are skipped: the store already signalled those
 locally after its commit.
 """
 
@@ -98,13 +98,11 @@ class Listener:
                 async with conn:
                     for channel in CHANNELS.values():
                         await conn.execute(f"LISTEN {channel}")
-                    reconnected = self.connections > 0
                     with self._listening:
                         self.backend_pid = conn.info.backend_pid
                         self.connections += 1
                         self._listening.notify_all()
-                    if reconnected:
-                        self._notifier.notify(*TOPICS)
+                    self._notifier.notify(*TOPICS)
                     backoff = _MIN_BACKOFF
                     async for note in conn.notifies():
                         topic = TOPIC_OF.get(note.channel)
