@@ -34,7 +34,7 @@ Contract shared by all implementations (the store contract tests pin it):
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -53,7 +53,7 @@ from runlane.models import (
     to_datetime,
 )
 from runlane.store.flow import SchedulesAndLimits
-from runlane.store.notify import Notifier
+from runlane.store.notify import TOPICS, Notifier, Topic
 
 ConflictPolicy = Literal["raise", "return_existing"]
 FinishOutcome = Literal["succeeded", "failed", "retrying"]
@@ -173,10 +173,11 @@ class Store(SchedulesAndLimits):
     async def close(self) -> None:
         """Release connections and threads. Idempotent."""
 
-    async def listen(self) -> None:
-        """Receive other processes' wake-ups from now on (a worker, before its first claim). Without it a
-        store starts receiving them at the first ``notifier.wait``, so a process that only triggers pays
-        nothing for them; the first waiter is then woken once reception is live, in case it missed one."""
+    async def listen(self, topics: Iterable[Topic] = TOPICS) -> None:
+        """Receive other processes' wake-ups on ``topics`` from now on (a worker, before its first claim).
+        Without it a store starts receiving a topic at the first ``notifier.wait`` for it, so a process pays
+        only for the wake-ups it waits for; that first waiter is woken once reception is live, in case it
+        missed one."""
 
     async def release_loop(self) -> None:
         """Release what this store holds for the running event loop (a pool bound to it) before that loop

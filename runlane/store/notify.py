@@ -23,15 +23,21 @@ class Notifier:
     """Thread-safe and loop-agnostic: any thread may notify; waiters on any event loop are woken."""
 
     def __init__(self) -> None:
-        self.on_first_wait: Callable[[], None] | None = None
-        """Called once, by the first ``wait``: a store that receives other processes' wake-ups only once
-        something waits for them (a process that only triggers never does) starts receiving them here."""
+        self._on_first_wait: Callable[[Topic], None] | None = None
+        self._waited: set[Topic] = set()
         self._lock = threading.Lock()
         self._generation: dict[Topic, int] = dict.fromkeys(TOPICS, 0)
         self._last: dict[Topic, float] = dict.fromkeys(TOPICS, float("-inf"))
         self._waiters: dict[Topic, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {
             t: set() for t in TOPICS
         }
+
+    def on_first_wait(self, hook: Callable[[Topic], None] | None) -> None:
+        """Call ``hook`` at the first ``wait`` for each topic from now on: a store that receives other
+        processes' wake-ups only for what something waits for (a process that only triggers waits for
+        nothing) starts receiving them there."""
+        self._on_first_wait = hook
+        self._waited = set()
 
     def generation(self, topic: Topic) -> int:
         return self._generation[topic]
@@ -63,9 +69,10 @@ class Notifier:
         A caller may pass its own ``event`` so that a local kick (a freed slot, a new waiter) ends the same
         wait; it should clear that event before it snapshots the generation for the next round.
         """
-        if self.on_first_wait is not None:
-            hook, self.on_first_wait = self.on_first_wait, None
-            hook()
+        if topic not in self._waited:
+            self._waited.add(topic)
+            if self._on_first_wait is not None:
+                self._on_first_wait(topic)
         event = event if event is not None else asyncio.Event()
         if event.is_set():
             return True

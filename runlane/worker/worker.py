@@ -162,7 +162,9 @@ class Worker:
         self._flush_kick = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         store = self._store = await self.app.open_store()
-        await store.listen()  # an idle worker must hear of new work from its first wait on
+        # An idle worker must hear of new work from its first wait on. Not of changes: every claim and finish
+        # notifies those, and a worker's own jobs rarely wait for another run (their first wait listens).
+        await store.listen(("work", "cancel"))
         self._limited = self._declares_limits()
         await store.register_jobs([job.info() for job in self.app.jobs.values()])
         await sync_app(self.app, store, self.id)  # limits and declared schedules, before the first claim

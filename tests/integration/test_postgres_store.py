@@ -129,9 +129,10 @@ async def test_listener_reconnects_after_its_backend_is_terminated(pg: PostgresS
     assert await pg.notifier.wait("work", since, WAIT)
 
 
-async def test_a_store_listens_once_something_waits_and_wakes_that_waiter(pg_url: str) -> None:
+async def test_a_store_listens_to_what_it_waits_for_and_wakes_that_waiter(pg_url: str) -> None:
     """A process that only triggers never pays for LISTEN (its own NOTIFYs would wake the thread); the
-    first wait starts it and, since a wake-up may have been missed meanwhile, ends once it is live."""
+    first wait for a topic listens to its channel and, since a wake-up may have been missed meanwhile, ends
+    once that LISTEN is live. Other channels stay unheard until something waits for them."""
     store = PostgresStore(pg_url)
     await store.open()
     try:
@@ -140,11 +141,23 @@ async def test_a_store_listens_once_something_waits_and_wakes_that_waiter(pg_url
         assert not any(t.name == "runlane-pg-listener" for t in threading.enumerate())
         since = store.notifier.generation("work")
         assert await store.notifier.wait("work", since, WAIT)
-        assert store.listener is not None and store.listener.backend_pid is not None
-        since = store.notifier.generation("work")
+        listener = store.listener
+        assert listener is not None and listener.backend_pid is not None
+        assert listener.topics == {"work"}
         with psycopg.connect(pg_url, autocommit=True) as conn:
+            since = store.notifier.generation("work")
+            changed = store.notifier.generation("change")
             conn.execute("NOTIFY runlane_work")
-        assert await store.notifier.wait("work", since, WAIT)
+            conn.execute("NOTIFY runlane_change")
+            assert await store.notifier.wait("work", since, WAIT)
+            assert store.notifier.generation("change") == changed  # not listened to
+
+            # The first wait for another topic adds its channel to the same session.
+            assert await store.notifier.wait("change", changed, WAIT)
+            assert listener.topics == {"work", "change"} and listener.connections == 1
+            since = store.notifier.generation("change")
+            conn.execute("NOTIFY runlane_change")
+            assert await store.notifier.wait("change", since, WAIT)
     finally:
         await store.close()
     assert not any(t.name == "runlane-pg-listener" for t in threading.enumerate())
