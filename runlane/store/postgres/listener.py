@@ -121,11 +121,13 @@ class Listener:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
+            sessions = self.connections
             try:
                 async with conn:
                     await self._session(conn)
-                    backoff = _MIN_BACKOFF
             except psycopg.Error as exc:
+                if self.connections > sessions:  # it was live: a new outage starts from the shortest wait
+                    backoff = _MIN_BACKOFF
                 log.warning("LISTEN connection lost (%s); reconnecting in %.2fs", str(exc).strip(), backoff)
             finally:
                 with self._listening:
