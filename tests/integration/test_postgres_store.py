@@ -136,6 +136,7 @@ async def test_a_store_listens_to_what_it_waits_for_and_wakes_that_waiter(pg_url
     store = PostgresStore(pg_url)
     await store.open()
     try:
+        await store.migrate()  # pg_url may be empty: it is migrated only by whichever test came first
         await store.insert_runs([NewRun("a", {})])
         assert store.listener is None
         assert not any(t.name == "runlane-pg-listener" for t in threading.enumerate())
@@ -147,8 +148,10 @@ async def test_a_store_listens_to_what_it_waits_for_and_wakes_that_waiter(pg_url
         with psycopg.connect(pg_url, autocommit=True) as conn:
             since = store.notifier.generation("work")
             changed = store.notifier.generation("change")
-            conn.execute("NOTIFY runlane_work")
+            # One session receives notifications in commit order: had `change` been listened to, its
+            # wake-up would have been handled before the `work` one that ends this wait.
             conn.execute("NOTIFY runlane_change")
+            conn.execute("NOTIFY runlane_work")
             assert await store.notifier.wait("work", since, WAIT)
             assert store.notifier.generation("change") == changed  # not listened to
 

@@ -44,7 +44,7 @@ class Listener:
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None  # set when ``want`` adds topics to a live session
         self._ready = threading.Event()
-        self._listening = threading.Condition()  # guards the three fields below and ``_wanted``
+        self._listening = threading.Condition()  # guards the four fields below
         self._wanted: set[Topic] = set(topics)
         self.topics: frozenset[Topic] = frozenset()
         """The topics the live session listens to."""
