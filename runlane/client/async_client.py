@@ -261,13 +261,12 @@ class AsyncClient:
             max_attempts=max_attempts,
             tags=tags,
         )
+        chunks = [news[start : start + chunk_size] for start in range(0, len(news), chunk_size)]
+        if connection is None:
+            return await store.insert_chunks(chunks)
         runs: list[Run] = []
-        for start in range(0, len(news), chunk_size):
-            chunk = news[start : start + chunk_size]
-            if connection is not None:
-                runs.extend(await store.insert_runs_in_transaction(connection, chunk))
-            else:
-                runs.extend(await store.insert_runs(chunk))
+        for chunk in chunks:
+            runs.extend(await store.insert_runs_in_transaction(connection, chunk))
         return runs
 
     async def prepare_trigger_many(

@@ -247,6 +247,15 @@ class Store(SchedulesAndLimits):
         parent's root, or the run's own id. Wakes ``work`` when a run is pending.
         """
 
+    async def insert_chunks(self, chunks: Sequence[Sequence[NewRun]]) -> list[Run]:
+        """``insert_runs`` for each chunk, in order, each all-or-nothing (``trigger_many``). A chunk that fails
+        raises and leaves the chunks before it inserted and the ones after it untried. Stores may overlap one
+        chunk's client-side work with the previous chunk's statement."""
+        out: list[Run] = []
+        for chunk in chunks:
+            out.extend(await self.insert_runs(chunk))
+        return out
+
     async def insert_runs_in_transaction(
         self, conn: Any, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
     ) -> list[Run]:

@@ -52,6 +52,28 @@ async def test_insert_many_keeps_input_order_and_get_runs_skips_missing(store: S
     assert await store.get_runs([]) == []
 
 
+async def test_insert_chunks_keeps_input_order_across_chunks(store: Store) -> None:
+    chunks = [[new(args={"i": 5 * c + i}) for i in range(5)] for c in range(4)] + [[new(args={"i": 20})]]
+    runs = await store.insert_chunks(chunks)
+    assert [r.args["i"] for r in runs] == list(range(21))
+    ids = [r.id for r in runs]
+    assert ids == sorted(ids) and len(set(ids)) == 21  # chunk k+1 starts after chunk k committed
+    assert sorted(await store.get_runs(ids), key=lambda r: r.id) == runs
+
+
+async def test_insert_chunks_stops_at_the_chunk_that_fails(store: Store) -> None:
+    """The chunks before the failing one stay inserted, the failing one and those after it are not: the same
+    as inserting one chunk at a time, even where a store overlaps the next chunk with the previous one."""
+    bad = new(args={"i": object()})  # refused when the chunk is serialised, after the first chunk was sent
+    chunks = [[new("first", {"i": i}) for i in range(3)], [new("second"), bad], [new("third")]]
+    with pytest.raises(TypeError):
+        await store.insert_chunks(chunks)
+    listed = await store.list_runs(RunFilter())
+    assert sorted(r.job for r in listed) == ["first"] * 3
+    # The store stays usable afterwards.
+    assert len(await store.insert_chunks([[new("after")], [new("after")]])) == 2
+
+
 async def test_run_is_scheduled_until_not_before(clocked_store: Store, clock: FakeClock) -> None:
     later = await insert(clocked_store, not_before=clock() + 60)
     past = await insert(clocked_store, not_before=clock() - 60)

@@ -438,9 +438,11 @@ async def test_list_runs_filters_and_pages(app: Runlane, client: AsyncClient) ->
     @app.job(queue="other")
     def elsewhere() -> None: ...
 
-    runs = await client.trigger_many(item, [{"i": i} for i in range(450)], tags=["bulk"])
-    assert len(runs) == 450
-    assert len({r.id for r in runs}) == 450
+    # Five chunks: PostgreSQL sends each chunk's statement while it builds the previous chunk's runs.
+    runs = await client.trigger_many(item, [{"i": i} for i in range(450)], tags=["bulk"], chunk_size=100)
+    assert [r.args["i"] for r in runs] == list(range(450))
+    assert [r.id for r in runs] == sorted({r.id for r in runs})
+    assert all(r.tags == ("bulk",) for r in runs)
     await client.trigger(elsewhere)
     listed = [r async for r in client.list_runs(RunFilter(job="item"), limit=None)]
     assert [r.id for r in listed] == sorted((r.id for r in runs), reverse=True)

@@ -14,13 +14,15 @@
 -- the database decides comes back; the rest of each Run is the caller's input. The runs travel as one JSON
 -- document of positional rows (see insert.py `rows_document`): one json.dumps on the client instead of
 -- fourteen arrays built element by element, and the arguments are embedded, not encoded twice.
+-- The sequence is looked up once (an InitPlan): pg_get_serial_sequence per row cost ~3 us of the ~14 us
+-- each row takes on the server.
 WITH src AS MATERIALIZED (
     SELECT u.r ->> 0 AS job, u.r -> 1 AS args, u.r ->> 2 AS queue, (u.r ->> 3)::int AS priority,
            (u.r ->> 4)::int AS max_attempts, (u.r ->> 5)::timestamptz AS not_before,
            (u.r ->> 6)::timestamptz AS not_after, u.r ->> 7 AS dedup_id, u.r ->> 8 AS tags,
            (u.r ->> 9)::bigint AS parent_run_id, (u.r ->> 10)::bigint AS batch_id, u.r ->> 11 AS schedule_id,
            u.r ->> 12 AS continue_when, u.r ->> 13 AS concurrency_key, u.ord,
-           nextval(pg_get_serial_sequence('runlane_runs', 'id')) AS id
+           nextval((SELECT pg_get_serial_sequence('runlane_runs', 'id'))::regclass) AS id
     FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS u(r, ord)
 ), ins AS (
     INSERT INTO runlane_runs AS r (id, job, args, status, queue, priority, max_attempts, not_before, not_after,
@@ -545,7 +547,7 @@ WITH src AS MATERIALIZED (
     SELECT u.r ->> 0 AS job, u.r -> 1 AS args, u.r ->> 2 AS queue, (u.r ->> 3)::int AS priority,
            (u.r ->> 4)::int AS max_attempts, (u.r ->> 5)::timestamptz AS not_before,
            (u.r ->> 6)::timestamptz AS not_after, u.r ->> 8 AS tags, u.ord,
-           nextval(pg_get_serial_sequence('runlane_runs', 'id')) AS id
+           nextval((SELECT pg_get_serial_sequence('runlane_runs', 'id'))::regclass) AS id
     FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS u(r, ord)
 ), parent AS (
     SELECT p.root_run_id FROM runlane_runs p WHERE p.id = %(parent_run_id)s::bigint

@@ -73,6 +73,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[-1].strip() if text else type(exc).__name__
 
 
+async def _fetch_all(conn: AConn, step: ins.Step) -> list[tuple[Any, ...]]:
+    cur = await conn.execute(*step)
+    return await cur.fetchall()
+
+
 class PostgresStore(PostgresFlow, Store):
     """A store on PostgreSQL. Options (also from the URL's query string): see ``PostgresOptions``."""
 
@@ -358,6 +363,59 @@ class PostgresStore(PostgresFlow, Store):
                 return await ins.drive_async(conn, plan)
             async with conn.transaction():
                 return await ins.drive_async(conn, plan)
+
+        result, created = await self._run(body, retry_disconnect=False)
+        if created:
+            self.notifier.notify("work")
+        return result
+
+    async def insert_chunks(self, chunks: Sequence[Sequence[NewRun]]) -> list[Run]:
+        """Chunks of one-statement inserts overlap on one connection: the next chunk's JSON document is built
+        while the server inserts this chunk, its statement is sent as soon as this one's rows arrive, and
+        this chunk's runs are built from those rows while the server inserts the next. Chunk k+1 starts only
+        after chunk k committed, so ids follow input order and a failure leaves the same chunks inserted as
+        one chunk at a time would. (Client and server cost about the same per run: 25 -> ~14 us per run.)"""
+        if len(chunks) < 2 or not all(ins.one_step(chunk) for chunk in chunks):
+            return await super().insert_chunks(chunks)
+
+        async def body(conn: AConn) -> tuple[list[Run], int]:
+            out: list[Run] = []
+            created = 0
+            plans = [ins.insert_plan(chunk, "raise", now=self._now(), token=self._token) for chunk in chunks]
+            running: asyncio.Task[list[tuple[Any, ...]]] | None = asyncio.ensure_future(
+                _fetch_all(conn, next(plans[0]))
+            )
+            try:
+                await asyncio.sleep(0)
+                for i, plan in enumerate(plans):
+                    step: ins.Step | None = None
+                    unbuilt: Exception | None = None
+                    try:
+                        step = next(plans[i + 1]) if i + 1 < len(plans) else None
+                    except Exception as exc:  # raised once this chunk is settled, as one at a time would
+                        unbuilt = exc
+                    assert running is not None
+                    rows = await running
+                    running = None
+                    if unbuilt is not None:
+                        raise unbuilt
+                    if step is not None:
+                        running = asyncio.ensure_future(_fetch_all(conn, step))
+                        await asyncio.sleep(0)  # let it send the statement before the runs are built
+                    try:
+                        plan.send(rows)
+                    except StopIteration as stop:
+                        runs, n = stop.value
+                        out.extend(runs)
+                        created += n
+                    else:  # pragma: no cover - one_step said the plan ends with its first statement
+                        raise AssertionError("a one-step insert plan asked for another statement")
+            finally:
+                if running is not None and not running.done():
+                    running.cancel()  # the pool discards a connection left mid-statement
+                    with contextlib.suppress(BaseException):
+                        await running
+            return out, created
 
         result, created = await self._run(body, retry_disconnect=False)
         if created:
