@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import psycopg
@@ -34,6 +35,15 @@ async def pg(pg_url: str) -> AsyncIterator[PostgresStore]:
 def _terminate(url: str, pid: int) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def _wait_gone(url: str, pid: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(int(WAIT / 0.01)):
+            if conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"backend {pid} still there after {WAIT} s")
 
 
 # -- connection errors and options ------------------------------------------------------------------------------
@@ -292,8 +302,11 @@ async def test_close_closes_the_pool_of_a_loop_still_running_in_another_thread(p
     try:
         asyncio.run_coroutine_threadsafe(store.get_run(1), loop).result(WAIT)
         assert len(store._pools) == 2
+        held = [lp.held for lp in store._pools.values()]
+        assert all(conn is not None for conn in held)
         await store.close()
         assert store._pools == {}
+        assert all(conn is not None and conn.closed for conn in held)  # back in its pool, then closed
     finally:
         loop.call_soon_threadsafe(loop.stop)
         await asyncio.to_thread(thread.join, WAIT)
@@ -309,6 +322,71 @@ async def test_heartbeat_reconnects_after_its_connection_is_killed(pg: PostgresS
     assert pg._hb_conn is not None
     _terminate(pg_url, pg._hb_conn.info.backend_pid)
     assert await asyncio.to_thread(pg.heartbeat_blocking, "w1", leases, 30) == {run.id}
+
+
+# -- the held connection ---------------------------------------------------------------------------------------
+
+
+async def _backend_pid(store: PostgresStore, pause: float = 0.0) -> int:
+    async def body(conn: psycopg.AsyncConnection[object]) -> int:
+        if pause:
+            await asyncio.sleep(pause)
+        return conn.info.backend_pid
+
+    return await store._run(body)
+
+
+async def test_sequential_calls_share_one_backend_and_concurrent_ones_spread(pg: PostgresStore) -> None:
+    """psycopg's pool hands out its connections in turn: without the held one, a client calling in sequence
+    would alternate between backends once the pool had grown."""
+    concurrent = await asyncio.gather(*(_backend_pid(pg, pause=0.05) for _ in range(4)))
+    assert len(set(concurrent)) == 4  # the held one serves one call, the pool the others
+    sequential = [await _backend_pid(pg) for _ in range(10)]
+    assert len(set(sequential)) == 1
+    await pg.insert_runs([NewRun("a", {})])
+    await pg.get_runs([1])
+    assert await _backend_pid(pg) == sequential[0]
+
+
+async def test_a_held_connection_left_in_a_transaction_goes_back_to_the_pool(pg: PostgresStore) -> None:
+    await _backend_pid(pg)
+
+    async def leave_open(conn: psycopg.AsyncConnection[object]) -> None:
+        await conn.execute("BEGIN")
+        await conn.execute("SELECT 1")
+
+    await pg._run(leave_open)
+    (lp,) = pg._pools.values()
+    assert lp.held is None  # returned: the pool rolls it back
+
+    async def status(conn: psycopg.AsyncConnection[object]) -> str:
+        return conn.info.transaction_status.name
+
+    assert await pg._run(status) == "IDLE"
+    assert lp.held is not None  # held again
+
+
+async def test_a_held_connection_killed_while_idle_is_replaced(pg: PostgresStore, pg_url: str) -> None:
+    first = await _backend_pid(pg)
+    _terminate(pg_url, first)
+    await asyncio.to_thread(_wait_gone, pg_url, first)  # not used before it has gone
+    # Reads are retried on a fresh connection; an insert is not (its commit may have happened), so the
+    # first call after the kill is a read.
+    assert await pg.get_run(123456) is None
+    assert await _backend_pid(pg) != first
+    (run,) = await pg.insert_runs([NewRun("a", {})])
+    assert await pg.get_run(run.id) == run
+
+
+async def test_a_pool_of_one_connection_is_never_held(pg_url: str) -> None:
+    store = PostgresStore(pg_url, pool_max_size=1, pool_timeout=WAIT)
+    await store.open()
+    try:
+        pids = await asyncio.gather(*(_backend_pid(store, pause=0.02) for _ in range(3)))
+        assert len(set(pids)) == 1
+        assert all(lp.held is None for lp in store._pools.values())
+    finally:
+        await store.close()
 
 
 # -- how runs travel ------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Connections: one ``AsyncConnectionPool`` per running event loop (an async pool is bound to the loop that
 opened it, and the store is shared by the sync client's loop thread and the worker's loop), a synchronous
 connection for ``heartbeat_blocking`` (called from a plain thread while a job may block the loop), and the
-listener's own connection. Every verb is one statement (batches go through UNNEST) or, for claims, one short
+listener's own connection. Each loop's pool lends one connection to the store for good (its "held" one),
+which any call takes when it is free: sequential calls then reuse one warm backend instead of the pool's
+round robin. Every verb is one statement (batches go through UNNEST) or, for claims, one short
 transaction; wake-ups are NOTIFYed from inside the statement that made the change and signalled locally
 after it commits.
 """
@@ -17,13 +19,13 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from runlane.errors import RunConflict, RunNotFound, StoreUnavailable
@@ -59,6 +61,8 @@ MIGRATIONS_PACKAGE = "runlane.store.postgres.migrations"
 MIGRATION_LOCK = 0x72756E6C616E65  # "runlane": serialises concurrent migrators across processes
 PROMOTE_LIMIT = 1000
 _RETRIES = 5  # deadlocks and serialization failures are retried; the transaction was rolled back
+HELD_FOR = 60.0
+"""Seconds a loop's held connection stays out of its pool at a time (see ``_LoopPool``)."""
 CLOCK_REFRESH = 30.0
 """Seconds between readings of the database's clock; in between, this host's monotonic clock measures the
 time elapsed since the last reading (it never jumps, unlike the wall clock, but stops while a host sleeps)."""
@@ -78,6 +82,48 @@ async def _fetch_all(conn: AConn, step: ins.Step) -> list[tuple[Any, ...]]:
     return await cur.fetchall()
 
 
+@dataclass(slots=True)
+class _LoopPool:
+    """One event loop's pool and the connection the store holds out of it.
+
+    psycopg's pool hands its connections out in turn, so one client triggering in sequence talks to
+    another backend each time once the pool has grown past one: measured ~0.14 ms more per trigger, and
+    ~90 us more client CPU, than on one connection. The held connection serves whichever call finds it
+    free; concurrent calls take pooled ones as before."""
+
+    pool: Pool
+    opened: bool = False
+    held: AConn | None = None
+    busy: bool = False
+    held_until: float = 0.0
+    """Monotonic time after which the held connection goes back to the pool, so that the pool's own
+    policies (``max_lifetime``, replacing broken connections) keep applying to it."""
+
+    async def take(self) -> AConn:
+        if self.held is None:
+            self.held = await self.pool.getconn()
+            self.held_until = time.monotonic() + HELD_FOR
+        return self.held
+
+    async def settle(self, conn: AConn) -> None:
+        """After a call on the held connection: keep it only if it is idle, healthy and not held too long."""
+        if (
+            conn.broken
+            or conn.info.transaction_status != pq.TransactionStatus.IDLE
+            or time.monotonic() > self.held_until
+        ):
+            await self.release()  # the pool rolls it back or replaces it as needed
+
+    async def release(self) -> None:
+        held, self.held = self.held, None
+        if held is not None:
+            await self.pool.putconn(held)
+
+    async def close(self) -> None:
+        await self.release()
+        await self.pool.close()
+
+
 class PostgresStore(PostgresFlow, Store):
     """A store on PostgreSQL. Options (also from the URL's query string): see ``PostgresOptions``."""
 
@@ -88,7 +134,7 @@ class PostgresStore(PostgresFlow, Store):
         self._conninfo, self.options = PostgresOptions.parse(url, options)
         self._token = secrets.token_hex(8)  # marks this store's own NOTIFYs, which it already signalled
         self._lock = threading.Lock()
-        self._pools: dict[asyncio.AbstractEventLoop, tuple[Pool, list[bool]]] = {}
+        self._pools: dict[asyncio.AbstractEventLoop, _LoopPool] = {}
         self._hb_lock = threading.Lock()
         self._hb_conn: psycopg.Connection[Any] | None = None
         self._listener: Listener | None = None  # started by listen() or the notifier's first wait
@@ -186,11 +232,11 @@ class PostgresStore(PostgresFlow, Store):
         if listener is not None:
             await asyncio.to_thread(listener.stop)
         current = asyncio.get_running_loop()
-        for loop, (pool, _) in pools.items():
+        for loop, entry in pools.items():
             if loop is current:
-                await pool.close()
+                await entry.close()
             elif not loop.is_closed() and loop.is_running():
-                future = asyncio.run_coroutine_threadsafe(pool.close(), loop)
+                future = asyncio.run_coroutine_threadsafe(entry.close(), loop)
                 try:
                     await asyncio.wait_for(asyncio.wrap_future(future), 10)
                 except (TimeoutError, RuntimeError) as exc:
@@ -204,9 +250,9 @@ class PostgresStore(PostgresFlow, Store):
         with self._lock:
             entry = self._pools.pop(asyncio.get_running_loop(), None)
         if entry is not None:
-            await entry[0].close()
+            await entry.close()
 
-    async def _pool(self) -> Pool:
+    async def _pool(self) -> _LoopPool:
         loop = asyncio.get_running_loop()
         with self._lock:
             entry = self._pools.get(loop)
@@ -223,13 +269,12 @@ class PostgresStore(PostgresFlow, Store):
                     open=False,
                     name=f"runlane-{id(loop):x}",
                 )
-                entry = (pool, [False])
+                entry = _LoopPool(pool)
                 self._pools[loop] = entry
-        pool, opened = entry
-        if not opened[0]:
-            await pool.open()
-            opened[0] = True
-        return pool
+        if not entry.opened:
+            await entry.pool.open()
+            entry.opened = True
+        return entry
 
     async def _run(self, body: Callable[[AConn], Awaitable[T]], *, retry_disconnect: bool = True) -> T:
         """Run ``body`` on a pooled connection; driver failures become StoreUnavailable.
@@ -240,13 +285,21 @@ class PostgresStore(PostgresFlow, Store):
         could otherwise insert twice, or lease runs to a worker that never hears of them (the worker, told,
         hands such runs back: see ``Worker._release_orphans``).
         """
-        pool = await self._pool()
+        lp = await self._pool()
         for attempt in range(_RETRIES):
             try:
-                async with pool.connection() as conn:
-                    if self._clock_stale():
-                        await self._read_clock(conn)
-                    return await body(conn)
+                if lp.busy or self.options.pool_max_size < 2:  # (with one, holding it would starve the rest)
+                    async with lp.pool.connection() as conn:
+                        return await self._call(conn, body)
+                lp.busy = True
+                try:
+                    conn = await lp.take()
+                    try:
+                        return await self._call(conn, body)
+                    finally:
+                        await lp.settle(conn)
+                finally:
+                    lp.busy = False
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                 if attempt == _RETRIES - 1:
                     raise StoreUnavailable(
@@ -269,6 +322,11 @@ class PostgresStore(PostgresFlow, Store):
                     f"PostgreSQL at {self.display_url} failed: {_first_line(exc)}"
                 ) from exc
         raise AssertionError("unreachable")
+
+    async def _call(self, conn: AConn, body: Callable[[AConn], Awaitable[T]]) -> T:
+        if self._clock_stale():
+            await self._read_clock(conn)
+        return await body(conn)
 
     async def _fetch(
         self, query: LiteralString | sql.Composed, params: dict[str, Any]
