@@ -25,7 +25,7 @@ class Settings:
     job_processes: int | None = None  # processes for executor="process" jobs; None: the worker's concurrency
     job_process_nice: int = 19  # job processes run this much nicer than the worker (POSIX); 0: as the worker
     prefetch: int | None = (
-        None  # most runs a worker claims ahead of free slots; None: 4 x concurrency; 0: none
+        None  # most runs a worker claims ahead of free slots; None: 8 x concurrency; 0: none
     )
 
     def __post_init__(self) -> None:

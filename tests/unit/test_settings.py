@@ -15,7 +15,7 @@ def test_defaults() -> None:
     assert s.progress_flush_interval == 0.5
     assert s.job_thread_nice == 0
     assert s.job_process_nice == 19
-    assert s.prefetch is None  # the worker's default: at most 4 x its concurrency
+    assert s.prefetch is None  # the worker's default: at most 8 x its concurrency
 
 
 def test_environment_then_explicit_arguments_win() -> None:
