@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -14,6 +15,7 @@ from runlane.errors import InvalidConnection, RunConflict, StoreUnavailable
 from runlane.models import RunFilter
 from runlane.store import Lease, NewRun, create_store
 from runlane.store.postgres import PostgresStore
+from runlane.store.postgres import store as store_module
 from runlane.store.postgres.config import PostgresOptions, hide_password
 
 pytestmark = pytest.mark.postgres
@@ -387,6 +389,29 @@ async def test_a_pool_of_one_connection_is_never_held(pg_url: str) -> None:
         assert all(lp.held is None for lp in store._pools.values())
     finally:
         await store.close()
+
+
+async def test_overlapped_chunks_resume_after_a_deadlock_without_inserting_twice(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadlock is retried on a fresh transaction; the chunks already committed are not sent again."""
+    real = store_module._fetch_all
+    calls = 0
+
+    async def third_fails_once(conn: psycopg.AsyncConnection[Any], step: Any) -> list[tuple[Any, ...]]:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return await real(conn, step)
+
+    monkeypatch.setattr(store_module, "_fetch_all", third_fails_once)
+    chunks = [[NewRun("a", {"i": 3 * c + i}) for i in range(3)] for c in range(4)]
+    runs = await pg.insert_chunks(chunks)
+    assert calls == 5  # four chunks and the retried third
+    assert [r.args["i"] for r in runs] == list(range(12))
+    stored = await pg.list_runs(RunFilter(job="a"), limit=100)
+    assert sorted(r.id for r in stored) == sorted(r.id for r in runs)
 
 
 # -- how runs travel ------------------------------------------------------------------------------------------

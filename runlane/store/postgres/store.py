@@ -435,11 +435,16 @@ class PostgresStore(PostgresFlow, Store):
         one chunk at a time would. (Client and server cost about the same per run: 25 -> ~14 us per run.)"""
         if len(chunks) < 2 or not all(ins.one_step(chunk) for chunk in chunks):
             return await super().insert_chunks(chunks)
+        out: list[Run] = []
+        created = 0
+        settled = 0  # chunks committed and turned into runs: a retried body (a deadlock) resumes after them
 
-        async def body(conn: AConn) -> tuple[list[Run], int]:
-            out: list[Run] = []
-            created = 0
-            plans = [ins.insert_plan(chunk, "raise", now=self._now(), token=self._token) for chunk in chunks]
+        async def body(conn: AConn) -> None:
+            nonlocal created, settled
+            plans = [
+                ins.insert_plan(chunk, "raise", now=self._now(), token=self._token)
+                for chunk in chunks[settled:]
+            ]
             running: asyncio.Task[list[tuple[Any, ...]]] | None = asyncio.ensure_future(
                 _fetch_all(conn, next(plans[0]))
             )
@@ -466,6 +471,7 @@ class PostgresStore(PostgresFlow, Store):
                         runs, n = stop.value
                         out.extend(runs)
                         created += n
+                        settled += 1
                     else:  # pragma: no cover - one_step said the plan ends with its first statement
                         raise AssertionError("a one-step insert plan asked for another statement")
             finally:
@@ -473,12 +479,13 @@ class PostgresStore(PostgresFlow, Store):
                     running.cancel()  # the pool discards a connection left mid-statement
                     with contextlib.suppress(BaseException):
                         await running
-            return out, created
 
-        result, created = await self._run(body, retry_disconnect=False)
-        if created:
-            self.notifier.notify("work")
-        return result
+        try:
+            await self._run(body, retry_disconnect=False)
+        finally:
+            if created:
+                self.notifier.notify("work")
+        return out
 
     async def insert_runs_in_transaction(
         self,
