@@ -95,7 +95,12 @@ def test_graceful_shutdown_rolling_deploy(scenario: Scenario) -> None:
             else:
                 singles.append((proc.pid, first, time.time()))
         else:
-            proc.wait(timeout=shutdown + 10)
+            try:
+                proc.wait(timeout=shutdown + 10)
+            except subprocess.TimeoutExpired:  # say how far its shutdown got (pytest keeps few temp dirs)
+                raise AssertionError(
+                    f"worker {proc.pid} still running {shutdown + 10:.0f} s after SIGTERM\n{pool.logs()}"
+                ) from None
             singles.append((proc.pid, first, time.time()))
         time.sleep(scale(1, 60) if n + 1 < terms else 0)
 
