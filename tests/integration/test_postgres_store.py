@@ -329,8 +329,12 @@ async def test_heartbeat_reconnects_after_its_connection_is_killed(pg: PostgresS
 # -- the held connection ---------------------------------------------------------------------------------------
 
 
-async def _backend_pid(store: PostgresStore, pause: float = 0.0) -> int:
+async def _backend_pid(
+    store: PostgresStore, pause: float = 0.0, together: asyncio.Barrier | None = None
+) -> int:
     async def body(conn: psycopg.AsyncConnection[object]) -> int:
+        if together is not None:  # every call holds its connection until all of them hold one
+            await asyncio.wait_for(together.wait(), WAIT)
         if pause:
             await asyncio.sleep(pause)
         return conn.info.backend_pid
@@ -341,7 +345,8 @@ async def _backend_pid(store: PostgresStore, pause: float = 0.0) -> int:
 async def test_sequential_calls_share_one_backend_and_concurrent_ones_spread(pg: PostgresStore) -> None:
     """psycopg's pool hands out its connections in turn: without the held one, a client calling in sequence
     would alternate between backends once the pool had grown."""
-    concurrent = await asyncio.gather(*(_backend_pid(pg, pause=0.05) for _ in range(4)))
+    together = asyncio.Barrier(4)
+    concurrent = await asyncio.gather(*(_backend_pid(pg, together=together) for _ in range(4)))
     assert len(set(concurrent)) == 4  # the held one serves one call, the pool the others
     sequential = [await _backend_pid(pg) for _ in range(10)]
     assert len(set(sequential)) == 1

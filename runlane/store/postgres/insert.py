@@ -132,9 +132,7 @@ def one_step(runs: Sequence[NewRun]) -> bool:
     """Whether ``insert_plan`` is a single autocommit statement and nothing after it: ``single_statement``
     and no dedup id, so no conflict can call for a look-up. ``PostgresStore.insert_chunks`` sends the next
     chunk's statement while it turns this one's rows into runs."""
-    return len(runs) <= CHUNK and all(
-        r.dedup_id is None and r.parent_run_id is None and r.continue_when is None for r in runs
-    )
+    return single_statement(runs) and all(r.dedup_id is None for r in runs)
 
 
 def insert_plan(
