@@ -263,6 +263,24 @@ class Job(Generic[P, R]):
         return await self.app.async_client.trigger(self, self.bind(*args, **kwargs))
 
 
+_VALIDATORS: dict[int, tuple[Mapping[str, Any], jsonschema.Draft202012Validator]] = {}
+_VALIDATORS_MAX = 256
+
+
+def _schema_validator(schema: Mapping[str, Any]) -> jsonschema.Draft202012Validator:
+    """One validator per catalogue schema object: building one costs more than a typical validation. Keyed
+    by identity (the entry keeps the schema alive, so its id is not reused); catalogue entries are cached
+    per client and never mutated."""
+    entry = _VALIDATORS.get(id(schema))
+    if entry is not None and entry[0] is schema:
+        return entry[1]
+    if len(_VALIDATORS) >= _VALIDATORS_MAX:
+        _VALIDATORS.clear()
+    validator = jsonschema.Draft202012Validator(dict(schema))
+    _VALIDATORS[id(schema)] = (schema, validator)
+    return validator
+
+
 def validate_with_schema(
     job: str, schema: Mapping[str, Any], args: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -278,7 +296,7 @@ def validate_with_schema(
     except NotSerializable as exc:
         raise InvalidArguments(f"arguments for job {job!r} are not JSON-serialisable: {exc}") from None
     if schema:
-        validator = jsonschema.Draft202012Validator(dict(schema))
+        validator = _schema_validator(schema)
         errors = sorted(validator.iter_errors(data), key=lambda e: list(e.path))
         if errors:
             problems = "; ".join(f"{'.'.join(map(str, e.path)) or 'arguments'}: {e.message}" for e in errors)
