@@ -163,6 +163,10 @@ class Runlane:
             self._ready = True
         return store
 
+    def ready_store(self) -> Store | None:
+        """The store if ``open_store`` has already succeeded, without awaiting anything; else None."""
+        return self._store if self._ready else None
+
     async def migrate(self) -> list[int]:
         """Apply schema migrations and record the job catalogue; returns the versions applied."""
         store = self.store

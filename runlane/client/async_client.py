@@ -102,6 +102,18 @@ class AsyncClient:
     # -- triggering ----------------------------------------------------------------------------------------------
 
     async def _resolve(self, job: JobRef, store: Store) -> tuple[str, Job[Any, Any] | None, JobInfo | None]:
+        known = self._resolve_known(job)
+        if known is not None:
+            return known
+        assert isinstance(job, str)
+        info = await store.get_job(job)
+        if info is None:
+            raise JobNotFound(job)
+        self._catalogue[job] = info
+        return job, None, info
+
+    def _resolve_known(self, job: JobRef) -> tuple[str, Job[Any, Any] | None, JobInfo | None] | None:
+        """``_resolve`` without the store: None for a job only the store's catalogue can name."""
         if isinstance(job, Job):
             return job.name, job, None
         if not isinstance(job, str) or not job:
@@ -110,12 +122,7 @@ class AsyncClient:
         if local is not None:
             return job, local, None
         info = self._catalogue.get(job)
-        if info is None:
-            info = await store.get_job(job)
-            if info is None:
-                raise JobNotFound(job)
-            self._catalogue[job] = info
-        return job, None, info
+        return None if info is None else (job, None, info)
 
     async def _new_run(
         self,
@@ -132,6 +139,37 @@ class AsyncClient:
         tags: Iterable[str] | None,
     ) -> NewRun:
         name, local, info = await self._resolve(job, store)
+        return self._build_run(
+            store,
+            name,
+            local,
+            info,
+            args,
+            not_before=not_before,
+            not_after=not_after,
+            priority=priority,
+            dedup_id=dedup_id,
+            queue=queue,
+            max_attempts=max_attempts,
+            tags=tags,
+        )
+
+    def _build_run(
+        self,
+        store: Store,
+        name: str,
+        local: Job[Any, Any] | None,
+        info: JobInfo | None,
+        args: Mapping[str, Any] | None,
+        *,
+        not_before: When,
+        not_after: When,
+        priority: int | None,
+        dedup_id: str | None,
+        queue: str | None,
+        max_attempts: int | None,
+        tags: Iterable[str] | None,
+    ) -> NewRun:
         if local is not None:
             data = local.validate(args)
             default_queue, default_priority = local.queue, local.options.priority
@@ -233,6 +271,51 @@ class AsyncClient:
             tags=tags,
         )
         return store, new
+
+    def prepare_trigger_now(
+        self,
+        job: JobRef,
+        args: Mapping[str, Any] | None = None,
+        *,
+        not_before: When = None,
+        not_after: When = None,
+        priority: int | None = None,
+        dedup_id: str | None = None,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> tuple[Store, NewRun] | None:
+        """``prepare_trigger`` without awaiting, on the calling thread (the blocking client's fast path):
+        None when that needs the store first (not opened yet, or a job only its catalogue knows)."""
+        store = self.app.ready_store()
+        if store is None:
+            return None
+        known = self._resolve_known(job)
+        if known is None:
+            return None
+        name, local, info = known
+        new = self._build_run(
+            store,
+            name,
+            local,
+            info,
+            args,
+            not_before=not_before,
+            not_after=not_after,
+            priority=priority,
+            dedup_id=dedup_id,
+            queue=queue,
+            max_attempts=max_attempts,
+            tags=tags,
+        )
+        return store, new
+
+    async def insert_prepared(
+        self, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
+    ) -> list[Run]:
+        """Insert runs made by the ``prepare_*`` methods."""
+        store = await self._store()
+        return await store.insert_runs(runs, on_conflict=on_conflict)
 
     async def trigger_many(
         self,

@@ -60,6 +60,15 @@ class Client:
             store, new = self.portal.call(self.async_client.prepare_trigger(job, args, **options))
             (run,) = store.insert_runs_in_transaction_blocking(connection, [new], on_conflict=on_conflict)
             return run
+        if connection is None:
+            # On this thread when the store allows it (SQLite): no hand-over to the portal loop and back.
+            prepared = self.async_client.prepare_trigger_now(job, args, **options)
+            if prepared is not None:
+                store, new = prepared
+                runs = store.insert_runs_blocking([new], on_conflict=on_conflict)
+                if runs is None:
+                    runs = self.portal.call(self.async_client.insert_prepared([new], on_conflict=on_conflict))
+                return runs[0]
         return self.portal.call(
             self.async_client.trigger(job, args, on_conflict=on_conflict, connection=connection, **options)
         )

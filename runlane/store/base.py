@@ -277,6 +277,13 @@ class Store(SchedulesAndLimits):
 
         raise InvalidConnection(f"transactional enqueue needs a PostgreSQL store, not {self.display_url}")
 
+    def insert_runs_blocking(
+        self, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
+    ) -> list[Run] | None:
+        """``insert_runs`` on the calling thread, for the blocking client, or None when this store needs an
+        event loop for it (the client then inserts through its own loop)."""
+        return None
+
     @abc.abstractmethod
     async def get_run(self, run_id: int) -> Run | None: ...
 

@@ -531,3 +531,64 @@ def test_sync_client_facade(store_url: str) -> None:
         assert [e.kind for e in app.client.events(run.id)] == ["status", "status"]
     finally:
         app.close()
+
+
+def test_sync_client_triggers_without_its_loop_where_the_store_allows(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the store is open, a blocking trigger validates on the caller's thread; SQLite also inserts
+    there (no hand-over to the portal loop and back), PostgreSQL inserts through the loop. Either way the
+    same errors, dedup rules and stored runs as the async path."""
+    app = Runlane(store_url, poll_interval=0.2)
+
+    @app.job(queue="math")
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    remote = Runlane(store_url, poll_interval=0.2)  # same store, no job code: validates by the catalogue
+    portal_calls: list[str] = []
+    try:
+        app.client.portal.call(app.migrate())
+        for client in (app.client, remote.client):
+            real_call = client.portal.call
+
+            def counting(coro: Any, real_call: Any = real_call) -> Any:
+                portal_calls.append(getattr(coro, "__qualname__", type(coro).__name__))
+                return real_call(coro)
+
+            monkeypatch.setattr(client.portal, "call", counting)
+        on_loop = 0 if store_url.startswith("sqlite") else 1  # inserts that still go through the loop
+
+        first = app.client.trigger(add, {"a": 1, "b": 2}, dedup_id="sum", tags=["x"])
+        assert (first.status, first.queue, first.tags) == (RunStatus.PENDING, "math", ("x",))
+        assert len(portal_calls) == on_loop
+        with pytest.raises(RunConflict) as info:
+            app.client.trigger(add, {"a": 5, "b": 5}, dedup_id="sum")
+        assert info.value.existing_run_id == first.id
+        same = app.client.trigger(add, {"a": 5, "b": 5}, dedup_id="sum", on_conflict="return_existing")
+        assert same.id == first.id
+        with pytest.raises(InvalidArguments, match="add"):
+            app.client.trigger(add, {"a": "one", "b": 2})
+        assert len(portal_calls) == 3 * on_loop
+        with pytest.raises(JobNotFound):
+            app.client.trigger("subtract", {"a": 1})  # only the store's catalogue can tell
+        assert portal_calls[-1] == "AsyncClient.trigger"
+
+        portal_calls.clear()
+        by_name = remote.client.trigger("add", {"a": 3, "b": 4})  # opens the store, reads the catalogue
+        assert by_name.queue == "math"
+        calls_to_open = len(portal_calls)
+        again = remote.client.trigger("add", {"a": 4, "b": 4})
+        assert len(portal_calls) == calls_to_open + on_loop
+        with pytest.raises(InvalidArguments, match="add"):
+            remote.client.trigger("add", {"a": "one", "b": 2})
+
+        app.run_worker(burst=True)
+        assert [app.client.result(r.id, timeout=30) for r in (first, by_name, again)] == [3, 7, 8]
+        stored = app.client.get_run(first.id)
+        assert stored is not None and (stored.tags, stored.queue, stored.dedup_id) == (("x",), "math", "sum")
+        assert len(list(app.client.list_runs(RunFilter(job="add")))) == 3
+    finally:
+        monkeypatch.undo()
+        remote.close()
+        app.close()

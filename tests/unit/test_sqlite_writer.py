@@ -6,6 +6,7 @@ import asyncio
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -107,6 +108,89 @@ def test_closed_writer_refuses_work(writer: tuple[Writer, list[str], list[set[To
     w.close()
     with pytest.raises(StoreUnavailable):
         w.run_blocking(_insert(1))
+
+
+def _recording(value: int, threads: list[str]) -> Callable[[Tx], int]:
+    insert = _insert(value)
+
+    def op(tx: Tx) -> int:
+        threads.append(threading.current_thread().name)
+        return insert(tx)
+
+    return op
+
+
+def test_run_here_runs_on_the_calling_thread_when_the_writer_is_idle(
+    writer: tuple[Writer, list[str], list[set[Topic]]],
+) -> None:
+    w, statements, signalled = writer
+    threads: list[str] = []
+    assert w.run_here(_recording(1, threads)) == 1
+    assert threads == [threading.current_thread().name]
+    assert statements[-3:] == ["BEGIN IMMEDIATE", "INSERT INTO t (v) VALUES (1)", "COMMIT"]
+    assert signalled == [{"change"}]
+    with pytest.raises(sqlite3.IntegrityError):  # fails alone, rolled back, no wake-up
+        w.run_here(_insert(1))
+    assert statements[-1] == "ROLLBACK"
+    assert w.conn.execute("SELECT v FROM t").fetchall() == [(1,)]
+    assert signalled == [{"change"}]
+
+
+def test_run_here_queues_behind_a_busy_writer(writer: tuple[Writer, list[str], list[set[Topic]]]) -> None:
+    """While the thread writes, callers queue: they then share one commit instead of taking turns."""
+    w, _, signalled = writer
+    started, gate = threading.Event(), threading.Event()
+
+    def blocker(tx: Tx) -> None:
+        started.set()
+        gate.wait(30)
+
+    first = threading.Thread(target=w.run_blocking, args=(blocker,))
+    first.start()
+    assert started.wait(30)
+    threads: list[str] = []
+    results: list[int] = []
+    callers = [
+        threading.Thread(target=lambda v=v: results.append(w.run_here(_recording(v, threads))))
+        for v in range(3)
+    ]
+    for t in callers:
+        t.start()
+    deadline = time.monotonic() + 30
+    while w._queue.qsize() < 3 and time.monotonic() < deadline:  # all three queued behind the blocker
+        time.sleep(0.005)
+    gate.set()
+    for t in [first, *callers]:
+        t.join(30)
+    assert sorted(results) == [0, 1, 2]
+    assert set(threads) == {"runlane-sqlite-writer"}
+    assert signalled == [{"change"}]  # the three committed together
+
+
+def test_close_waits_for_a_run_here_in_progress(writer: tuple[Writer, list[str], list[set[Topic]]]) -> None:
+    w, _, _ = writer
+    started, gate = threading.Event(), threading.Event()
+
+    def slow(tx: Tx) -> int:
+        started.set()
+        gate.wait(30)
+        return _insert(5)(tx)
+
+    results: list[int] = []
+    caller = threading.Thread(target=lambda: results.append(w.run_here(slow)))
+    caller.start()
+    assert started.wait(30)
+    closer = threading.Thread(target=w.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # the connection is still in use: close must not return yet
+    gate.set()
+    for t in (caller, closer):
+        t.join(30)
+    assert results == [5]
+    with pytest.raises(StoreUnavailable):
+        w.run_here(_insert(6))
+    assert w.conn.execute("SELECT v FROM t").fetchall() == [(5,)]
 
 
 # -- wake channel -------------------------------------------------------------------------------------------------

@@ -175,6 +175,16 @@ class SQLiteStore(SQLiteFlow, Store):
             return []
         return await self._write(lambda tx: writes.insert_runs(tx, self.now(), runs, on_conflict))
 
+    def insert_runs_blocking(
+        self, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
+    ) -> list[Run] | None:
+        writer = self._writer
+        if writer is None:  # not open: the loop path opens it
+            return None
+        if not runs:
+            return []
+        return writer.run_here(lambda tx: writes.insert_runs(tx, self.now(), runs, on_conflict))
+
     async def get_run(self, run_id: int) -> Run | None:
         return await self._read(lambda conn: reads.get_run(conn, run_id))
 
