@@ -111,7 +111,10 @@ def cell_text(values: list[float], fmt: Callable[[float], str]) -> str:
 
 COLUMNS: dict[str, list[tuple[str, str, str, Callable[[float], str]]]] = {
     # workload -> [(column title, cell workload, figure key, formatter)]
-    "w1": [("runs/s", "w1", "runs_per_s", fmt_rate)],
+    "w1": [
+        ("runs/s", "w1", "runs_per_s", fmt_rate),
+        ("runs/s, Runlane's blocking Client", "w1", "blocking_runs_per_s", fmt_rate),
+    ],
     "w2": [("runs/s", "w2", "runs_per_s", fmt_rate)],
     "w3": [
         ("1 proc, runs/s incl. start-up", "w3a", "with_startup_per_s", fmt_rate),

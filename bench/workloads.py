@@ -105,7 +105,16 @@ def w1(system: System, scale: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     system.enqueue_one(n)
     elapsed = time.perf_counter() - t0
-    return {"runs": n, "runs_per_s": n / elapsed}
+    figures = {"runs": n, "runs_per_s": n / elapsed}
+    open_blocking_client = getattr(system, "open_blocking_client", None)
+    if open_blocking_client is not None:  # Runlane: its blocking client too (each peer has one API)
+        system.close_client()
+        system.setup()
+        enqueue_one_blocking = open_blocking_client()
+        t0 = time.perf_counter()
+        enqueue_one_blocking(n)
+        figures["blocking_runs_per_s"] = n / (time.perf_counter() - t0)
+    return figures
 
 
 def w2(system: System, scale: float) -> dict[str, Any]:

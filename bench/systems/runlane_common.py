@@ -7,7 +7,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -66,6 +66,17 @@ class RunlaneBase(Base):
 
         self.run(go())
 
+    def open_blocking_client(self) -> Callable[[int], None]:
+        """After ``setup``: open the blocking client, and return ``enqueue_one`` through it."""
+        client = self._blocking = self.app.client  # the blocking Client: what a Django view or a script calls
+        client.get_run(0)  # open the store on its loop outside the timing
+
+        def enqueue_one(n: int) -> None:
+            for _ in range(n):
+                client.trigger("noop")
+
+        return enqueue_one
+
     def enqueue_bulk(self, n: int) -> None:
         self.run(self.client.trigger_many("noop", [{} for _ in range(n)]))
 
@@ -78,6 +89,10 @@ class RunlaneBase(Base):
     def close_client(self) -> None:
         if getattr(self, "app", None) is not None:
             self.run(self.app.aclose())
+        blocking = getattr(self, "_blocking", None)
+        if blocking is not None:
+            self._blocking = None
+            blocking.close()
 
     def describe(self) -> str:
         return f"runlane {version('runlane')}"
