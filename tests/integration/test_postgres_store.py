@@ -452,3 +452,74 @@ async def test_single_and_bulk_inserts_store_the_same_times_and_values(pg: Postg
     assert a.not_before == one.not_before == many[0].not_before  # what trigger returned is what is stored
     assert (plain.args, plain.tags, plain.priority, plain.max_attempts) == ({}, (), -3, 1)
     assert (plain.not_before, plain.not_after, plain.dedup_id) == (None, None, None)
+
+
+# -- blocking inserts (the blocking client's trigger) -------------------------------------------------------------
+
+
+def _blocking_backend(store: PostgresStore) -> int:
+    assert store._blocking_pool is not None
+    with store._blocking_pool.connection() as conn:
+        return int(conn.info.backend_pid)
+
+
+async def test_blocking_inserts_use_a_thread_side_pool_and_wake_this_process(pg: PostgresStore) -> None:
+    before = pg.notifier.generation("work")
+    plain, window = await asyncio.to_thread(
+        lambda: [
+            pg.insert_runs_blocking([NewRun("a", {"n": 1}, tags=("t",))]),
+            pg.insert_runs_blocking([NewRun("b", {}, not_before=pg.now() + 3600, dedup_id="d")]),
+        ]
+    )
+    assert plain is not None and window is not None
+    assert pg.notifier.generation("work") == before + 2  # this process's waiters, without the LISTEN thread
+    assert [r.status for r in plain + window] == ["pending", "scheduled"]
+    assert await pg.get_runs([plain[0].id]) == plain
+    assert (await pg.get_run(window[0].id)) == window[0]
+    with pytest.raises(RunConflict):
+        await asyncio.to_thread(pg.insert_runs_blocking, [NewRun("b", {}, dedup_id="d")])
+    same = await asyncio.to_thread(
+        pg.insert_runs_blocking, [NewRun("b", {}, dedup_id="d")], on_conflict="return_existing"
+    )
+    assert same == window
+    assert len(await pg.list_runs(RunFilter())) == 2
+    assert await asyncio.to_thread(pg.insert_runs_blocking, []) == []
+
+
+async def test_a_blocking_insert_on_a_killed_connection_is_not_repeated(
+    pg: PostgresStore, pg_url: str
+) -> None:
+    """Its commit may have happened: like the loop's inserts, it fails instead of inserting twice; the next
+    call gets a fresh connection."""
+    await asyncio.to_thread(pg.insert_runs_blocking, [NewRun("a", {})])
+    pid = await asyncio.to_thread(_blocking_backend, pg)
+    _terminate(pg_url, pid)
+    await asyncio.to_thread(_wait_gone, pg_url, pid)
+    with pytest.raises(StoreUnavailable):
+        await asyncio.to_thread(pg.insert_runs_blocking, [NewRun("a", {})])
+    (run,) = await asyncio.to_thread(pg.insert_runs_blocking, [NewRun("a", {})]) or []
+    assert await asyncio.to_thread(_blocking_backend, pg) != pid
+    assert [r.id for r in await pg.list_runs(RunFilter())] == [run.id, run.id - 1]
+
+
+async def test_blocking_inserts_leave_to_the_loop_what_needs_it(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not opened: the loop path opens. The database clock due for a reading: the loop path reads it.
+    Closed: the thread-side pool is closed with the store."""
+    store = PostgresStore(pg_url)
+    assert store.insert_runs_blocking([NewRun("a", {})]) is None
+    await store.open()
+    await store.migrate()
+    try:
+        monkeypatch.setattr(store, "_clock_stale", lambda: True)
+        assert await asyncio.to_thread(store.insert_runs_blocking, [NewRun("a", {})]) is None
+        monkeypatch.undo()
+        assert await asyncio.to_thread(store.insert_runs_blocking, [NewRun("a", {})])
+        assert store._blocking_pool is not None
+        pool = store._blocking_pool.pool
+        assert not pool.closed
+    finally:
+        await store.close()
+    assert pool.closed and store._blocking_pool is None
+    assert store.insert_runs_blocking([NewRun("a", {})]) is None

@@ -536,9 +536,8 @@ def test_sync_client_facade(store_url: str) -> None:
 def test_sync_client_triggers_without_its_loop_where_the_store_allows(
     store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once the store is open, a blocking trigger validates on the caller's thread; SQLite also inserts
-    there (no hand-over to the portal loop and back), PostgreSQL inserts through the loop. Either way the
-    same errors, dedup rules and stored runs as the async path."""
+    """Once the store is open, a blocking trigger validates and inserts on the caller's thread (no hand-over
+    to the portal loop and back), with the same errors, dedup rules and stored runs as the async path."""
     app = Runlane(store_url, poll_interval=0.2)
 
     @app.job(queue="math")
@@ -557,11 +556,9 @@ def test_sync_client_triggers_without_its_loop_where_the_store_allows(
                 return real_call(coro)
 
             monkeypatch.setattr(client.portal, "call", counting)
-        on_loop = 0 if store_url.startswith("sqlite") else 1  # inserts that still go through the loop
-
         first = app.client.trigger(add, {"a": 1, "b": 2}, dedup_id="sum", tags=["x"])
         assert (first.status, first.queue, first.tags) == (RunStatus.PENDING, "math", ("x",))
-        assert len(portal_calls) == on_loop
+        assert portal_calls == []
         with pytest.raises(RunConflict) as info:
             app.client.trigger(add, {"a": 5, "b": 5}, dedup_id="sum")
         assert info.value.existing_run_id == first.id
@@ -569,7 +566,7 @@ def test_sync_client_triggers_without_its_loop_where_the_store_allows(
         assert same.id == first.id
         with pytest.raises(InvalidArguments, match="add"):
             app.client.trigger(add, {"a": "one", "b": 2})
-        assert len(portal_calls) == 3 * on_loop
+        assert portal_calls == []
         with pytest.raises(JobNotFound):
             app.client.trigger("subtract", {"a": 1})  # only the store's catalogue can tell
         assert portal_calls[-1] == "AsyncClient.trigger"
@@ -579,7 +576,7 @@ def test_sync_client_triggers_without_its_loop_where_the_store_allows(
         assert by_name.queue == "math"
         calls_to_open = len(portal_calls)
         again = remote.client.trigger("add", {"a": 4, "b": 4})
-        assert len(portal_calls) == calls_to_open + on_loop
+        assert len(portal_calls) == calls_to_open
         with pytest.raises(InvalidArguments, match="add"):
             remote.client.trigger("add", {"a": "one", "b": 2})
 

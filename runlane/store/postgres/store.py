@@ -2,10 +2,10 @@
 
 Connections: one ``AsyncConnectionPool`` per running event loop (an async pool is bound to the loop that
 opened it, and the store is shared by the sync client's loop thread and the worker's loop), a synchronous
-connection for ``heartbeat_blocking`` (called from a plain thread while a job may block the loop), and the
-listener's own connection. Each loop's pool lends one connection to the store for good (its "held" one),
-which any call takes when it is free: sequential calls then reuse one warm backend instead of the pool's
-round robin. Every verb is one statement (batches go through UNNEST) or, for claims, one short
+connection for ``heartbeat_blocking`` (called from a plain thread while a job may block the loop), a pool of
+synchronous connections for ``insert_runs_blocking`` (the blocking client's triggers, opened at the first),
+and the listener's own connection. Each pool lends one connection to the store (its "held" one), which any
+call takes when it is free: sequential calls then reuse one warm backend instead of the pool's round robin. Every verb is one statement (batches go through UNNEST) or, for claims, one short
 transaction; wake-ups are NOTIFYed from inside the statement that made the change and signalled locally
 after it commits.
 """
@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, LiteralString, TypeVar
@@ -26,7 +26,7 @@ from typing import Any, LiteralString, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq, sql
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from runlane.errors import RunConflict, RunNotFound, StoreUnavailable
 from runlane.models import Attempt, Batch, Event, JobInfo, Run, RunFilter, RunStatus, to_datetime
@@ -124,6 +124,54 @@ class _LoopPool:
         await self.pool.close()
 
 
+class _ThreadSidePool:
+    """The blocking inserts' pool of sync connections, with one connection held out of it as ``_LoopPool``
+    holds one (the same round-robin cost): the call that finds it free uses it, concurrent calls the pool."""
+
+    def __init__(self, pool: ConnectionPool[psycopg.Connection[Any]]) -> None:
+        self.pool = pool
+        self.held: psycopg.Connection[Any] | None = None
+        self.held_until = 0.0
+        self._lock = threading.Lock()  # taken by the call using the held connection
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        max_size = self.pool.max_size
+        if max_size < 2 or not self._lock.acquire(blocking=False):
+            with self.pool.connection() as conn:
+                yield conn
+            return
+        try:
+            held, self.held = self.held, None
+            if held is None:
+                conn = self.pool.getconn()
+                self.held_until = time.monotonic() + HELD_FOR
+            else:
+                conn = held
+            try:
+                yield conn
+            except BaseException:
+                self.pool.putconn(conn)  # the pool rolls it back or replaces it as needed
+                raise
+            if (
+                conn.broken
+                or conn.info.transaction_status != pq.TransactionStatus.IDLE
+                or time.monotonic() > self.held_until
+            ):
+                self.pool.putconn(conn)
+            else:
+                self.held = conn
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        with self._lock:  # after a call in progress on the held connection
+            held, self.held = self.held, None
+            if held is not None:
+                self.pool.putconn(held)
+        self.pool.close()
+
+
 class PostgresStore(PostgresFlow, Store):
     """A store on PostgreSQL. Options (also from the URL's query string): see ``PostgresOptions``."""
 
@@ -137,6 +185,7 @@ class PostgresStore(PostgresFlow, Store):
         self._pools: dict[asyncio.AbstractEventLoop, _LoopPool] = {}
         self._hb_lock = threading.Lock()
         self._hb_conn: psycopg.Connection[Any] | None = None
+        self._blocking_pool: _ThreadSidePool | None = None  # insert_runs_blocking's, opened at its first call
         self._listener: Listener | None = None  # started by listen() or the notifier's first wait
         self._opened = False
         self._migrations = load_migrations(MIGRATIONS_PACKAGE)
@@ -245,6 +294,10 @@ class PostgresStore(PostgresFlow, Store):
             if self._hb_conn is not None:
                 self._hb_conn.close()
                 self._hb_conn = None
+        with self._lock:
+            blocking, self._blocking_pool = self._blocking_pool, None
+        if blocking is not None:
+            await asyncio.to_thread(blocking.close)
 
     async def release_loop(self) -> None:
         with self._lock:
@@ -300,28 +353,30 @@ class PostgresStore(PostgresFlow, Store):
                         await lp.settle(conn)
                 finally:
                     lp.busy = False
-            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
-                if attempt == _RETRIES - 1:
-                    raise StoreUnavailable(
-                        f"PostgreSQL kept aborting a transaction: {_first_line(exc)}"
-                    ) from exc
-                log.info("retrying after %s", type(exc).__name__)
-            except PoolTimeout as exc:
-                raise StoreUnavailable(
-                    f"no connection to PostgreSQL at {self.display_url} within {self.options.pool_timeout}s"
-                ) from exc
-            except pg_errors.IdleInTransactionSessionTimeout as exc:
-                # A transaction guarded by a short idle timeout (a fire or a limited claim, see flow.py) sat
-                # idle because this process stopped; the server ended it (and rolled it back).
-                raise StoreUnavailable(f"PostgreSQL ended an idle transaction: {_first_line(exc)}") from exc
-            except psycopg.OperationalError as exc:
-                if retry_disconnect and attempt < _RETRIES - 1 and _is_disconnect(exc):
-                    log.info("PostgreSQL connection lost (%s); retrying on a fresh one", _first_line(exc))
-                    continue
-                raise StoreUnavailable(
-                    f"PostgreSQL at {self.display_url} failed: {_first_line(exc)}"
-                ) from exc
+            except (psycopg.OperationalError, pg_errors.IdleInTransactionSessionTimeout) as exc:
+                self._retry_or_raise(exc, attempt, retry_disconnect)
         raise AssertionError("unreachable")
+
+    def _retry_or_raise(self, exc: psycopg.Error, attempt: int, retry_disconnect: bool) -> None:
+        """Return if a failed body may run again; else raise StoreUnavailable from ``exc``."""
+        if isinstance(exc, pg_errors.DeadlockDetected | pg_errors.SerializationFailure):
+            if attempt == _RETRIES - 1:
+                raise StoreUnavailable(f"PostgreSQL kept aborting a transaction: {_first_line(exc)}") from exc
+            log.info("retrying after %s", type(exc).__name__)
+            return
+        if isinstance(exc, PoolTimeout):
+            raise StoreUnavailable(
+                f"no connection to PostgreSQL at {self.display_url} within {self.options.pool_timeout}s"
+            ) from exc
+        if isinstance(exc, pg_errors.IdleInTransactionSessionTimeout):
+            # A transaction guarded by a short idle timeout (a fire or a limited claim, see flow.py) sat
+            # idle because this process stopped; the server ended it (and rolled it back).
+            raise StoreUnavailable(f"PostgreSQL ended an idle transaction: {_first_line(exc)}") from exc
+        disconnect = isinstance(exc, psycopg.OperationalError) and _is_disconnect(exc)
+        if retry_disconnect and attempt < _RETRIES - 1 and disconnect:
+            log.info("PostgreSQL connection lost (%s); retrying on a fresh one", _first_line(exc))
+            return
+        raise StoreUnavailable(f"PostgreSQL at {self.display_url} failed: {_first_line(exc)}") from exc
 
     async def _call(self, conn: AConn, body: Callable[[AConn], Awaitable[T]]) -> T:
         if self._clock_stale():
@@ -426,6 +481,53 @@ class PostgresStore(PostgresFlow, Store):
         if created:
             self.notifier.notify("work")
         return result
+
+    def insert_runs_blocking(
+        self, runs: Sequence[NewRun], *, on_conflict: ConflictPolicy = "raise"
+    ) -> list[Run] | None:
+        """On a thread-side pool of sync connections, opened at the first call: a blocking caller then
+        crosses to no event loop (two thread wake-ups and psycopg's async machinery per trigger). Before
+        ``open`` and when the database clock is due for a reading, None: the loop path does both."""
+        if not self._opened or self._clock_stale():
+            return None
+        if not runs:
+            return []
+        pool = self._blocking_pool or self._open_blocking_pool()
+        single = ins.single_statement(runs)
+        for attempt in range(_RETRIES):
+            try:
+                with pool.connection() as conn:
+                    plan = ins.insert_plan(runs, on_conflict, now=self._now(), token=self._token)
+                    if single:
+                        result, created = ins.drive_sync(conn, plan)
+                    else:
+                        with conn.transaction():
+                            result, created = ins.drive_sync(conn, plan)
+            except (psycopg.OperationalError, pg_errors.IdleInTransactionSessionTimeout) as exc:
+                self._retry_or_raise(exc, attempt, retry_disconnect=False)
+                continue
+            if created:
+                self.notifier.notify("work")
+            return result
+        raise AssertionError("unreachable")
+
+    def _open_blocking_pool(self) -> _ThreadSidePool:
+        with self._lock:
+            if self._blocking_pool is None:
+                if not self._opened:
+                    raise StoreUnavailable(f"the PostgreSQL store at {self.display_url} is closed")
+                pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+                    self._conninfo_for(),
+                    min_size=1,
+                    max_size=max(self.options.pool_max_size, 1),
+                    timeout=self.options.pool_timeout,
+                    kwargs={"autocommit": True, "prepare_threshold": self.options.prepare_threshold},
+                    open=False,
+                    name="runlane-blocking",
+                )
+                pool.open(wait=True, timeout=self.options.pool_timeout)  # else the first call grows it
+                self._blocking_pool = _ThreadSidePool(pool)
+            return self._blocking_pool
 
     async def insert_chunks(self, chunks: Sequence[Sequence[NewRun]]) -> list[Run]:
         """Chunks of one-statement inserts overlap on one connection: the next chunk's JSON document is built
