@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,34 @@ def test_an_abandoned_wait_does_not_keep_the_lock(tmp_path: Path) -> None:
     finally:
         for lock in (a, b, c):
             lock.close()
+
+
+def test_an_interrupted_wait_lets_go_of_a_lock_handed_meanwhile(tmp_path: Path) -> None:
+    """A caller on the main thread (the blocking client's trigger) can be interrupted while it waits; the
+    helper may have taken the lock for it by then, and must not keep it from other processes."""
+    path = str(tmp_path / "x-wlock")
+    lock, other, third = WriteLock(path), WriteLock(path), WriteLock(path)
+    assert other.acquire(1.0)
+    real_wait_for = lock._cond.wait_for
+
+    caller = threading.current_thread()
+
+    def interrupted(predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        if threading.current_thread() is not caller:  # the helper waits on the same condition
+            return real_wait_for(predicate, timeout)
+        other.release()
+        assert real_wait_for(lambda: lock._handed, 10)  # the helper now holds the lock for this caller
+        raise KeyboardInterrupt
+
+    lock._cond.wait_for = interrupted  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire(10)
+        assert third.acquire(5.0)
+        third.release()
+    finally:
+        for each in (lock, other, third):
+            each.close()
 
 
 def test_the_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,9 @@ from runlane.errors import StoreUnavailable
 from runlane.store.notify import Topic
 from runlane.store.sqlite.connection import Tx, Writer, connect
 from runlane.store.sqlite.wakeup import WakeChannel, decode, encode, wake_dir
+from runlane.store.sqlite.writelock import WriteLock
+
+WAIT = 30.0  # generous: these waits end on an event, the timeout only catches a hang
 
 
 def _exists(path: str) -> bool:
@@ -165,6 +169,7 @@ def test_run_here_queues_behind_a_busy_writer(writer: tuple[Writer, list[str], l
     assert sorted(results) == [0, 1, 2]
     assert set(threads) == {"runlane-sqlite-writer"}
     assert signalled == [{"change"}]  # the three committed together
+    assert w._queued == 0  # counted out as they were delivered: the next run_here may run here again
 
 
 def test_close_waits_for_a_run_here_in_progress(writer: tuple[Writer, list[str], list[set[Topic]]]) -> None:
@@ -191,6 +196,88 @@ def test_close_waits_for_a_run_here_in_progress(writer: tuple[Writer, list[str],
     with pytest.raises(StoreUnavailable):
         w.run_here(_insert(6))
     assert w.conn.execute("SELECT v FROM t").fetchall() == [(5,)]
+
+
+class _InterruptAfterBegin(sqlite3.Connection):
+    """A signal's KeyboardInterrupt landing on the caller's thread just after its BEGIN returned."""
+
+    armed = False
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        cursor = super().execute(sql, *args)
+        if sql == "BEGIN IMMEDIATE" and self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+        return cursor
+
+
+def test_an_interrupt_in_run_here_leaves_no_transaction_and_no_lock(tmp_path: Path) -> None:
+    path = str(tmp_path / "w.db")
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_InterruptAfterBegin)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (v INTEGER UNIQUE)")
+    lock = WriteLock(f"{path}-wlock")
+    w = Writer(conn, after_commit=lambda topics: None, lock=lock)
+    try:
+        conn.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            w.run_here(_insert(1))
+        assert not conn.in_transaction  # rolled back: it would hold the database's write lock
+        other = WriteLock(f"{path}-wlock")  # another process's writer can have the lock file
+        assert other.acquire(1.0)
+        other.release()
+        other.close()
+        threads: list[str] = []
+        assert w.run_here(_recording(2, threads)) == 2  # the busy lock was let go
+        assert threads == [threading.current_thread().name]
+        assert w.run_blocking(_insert(3)) == 3
+        assert conn.execute("SELECT v FROM t ORDER BY v").fetchall() == [(2,), (3,)]
+    finally:
+        w.close()
+        w.close_lock()
+        conn.close()
+
+
+def test_close_from_a_signal_handler_during_run_here_does_not_wait_for_itself(
+    writer: tuple[Writer, list[str], list[set[Topic]]],
+) -> None:
+    w, _, _ = writer
+
+    def closing(tx: Tx) -> int:  # stands for a SIGTERM handler that closes the app mid-trigger
+        w.close()
+        return _insert(1)(tx)
+
+    done: list[int] = []
+    caller = threading.Thread(target=lambda: done.append(w.run_here(closing)), daemon=True)
+    caller.start()
+    caller.join(WAIT)
+    assert done == [1], "close waited for the run_here it interrupted"
+
+
+def test_run_here_leaves_wal_checkpoints_to_the_writer_thread(tmp_path: Path) -> None:
+    path = str(tmp_path / "w.db")
+    conn = connect(path, writer=True)
+    conn.execute("CREATE TABLE t (v INTEGER UNIQUE)")
+    w = Writer(conn, after_commit=lambda topics: None, wal_path=f"{path}-wal")
+    checked = threading.Event()
+    checkers: list[str] = []
+    real = w._bound_wal
+
+    def recording() -> None:
+        checkers.append(threading.current_thread().name)
+        checked.set()
+        real()
+
+    w._bound_wal = recording  # type: ignore[method-assign]
+    try:
+        w._next_wal_check = 0.0  # due now
+        assert w.run_here(_insert(1)) == 1
+        assert checked.wait(WAIT)
+        assert set(checkers) == {"runlane-sqlite-writer"}
+        assert w._queued == 0
+    finally:
+        w.close()
+        conn.close()
 
 
 # -- wake channel -------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -121,6 +121,7 @@ class _Op(Generic[T]):
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[T] | concurrent.futures.Future[T]
     exclusive: bool = False  # runs alone, outside any transaction (it manages its own: migrations)
+    queued: bool = False  # counted in Writer._queued until delivered
 
 
 def _resolve_many(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -134,6 +135,7 @@ def _resolve_many(items: list[tuple[asyncio.Future[Any], Any, BaseException | No
 
 
 _STOP = object()
+_BOUND_WAL = object()  # from run_here: the thread checks the WAL, off the caller's path
 
 
 class Writer:
@@ -160,6 +162,8 @@ class Writer:
         self._closed = False
         self._lock = threading.Lock()
         self._busy = threading.Lock()  # held while the connection is in use, by the thread or by run_here
+        self._busy_caller: int | None = None  # the thread in run_here holding it
+        self._queued = 0  # operations put and not yet written: run_here waits its turn behind them
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -169,6 +173,8 @@ class Writer:
         with self._lock:
             if self._closed:
                 raise StoreUnavailable("the SQLite store is closed")
+            self._queued += 1
+            op.queued = True
             self._queue.put(op)
 
     async def run(self, fn: Callable[[Tx], T], *, exclusive: bool = False) -> T:
@@ -187,18 +193,36 @@ class Writer:
     def run_here(self, fn: Callable[[Tx], T]) -> T:
         """``run_blocking``, but run on the calling thread when nothing is queued or being written: a lone
         blocking caller then pays neither thread hand-over (two wake-ups, the larger part of a trigger after
-        its commit). Under load it queues instead, so that concurrent callers still share commits."""
-        if not self._queue.empty() or not self._busy.acquire(blocking=False):
+        its commit). Otherwise it queues, behind what came first, and concurrent callers share commits.
+
+        The caller may be the main thread, which signals interrupt: whatever an interrupt cuts short is
+        rolled back and every lock let go, as on the writer thread, which never sees one."""
+        if self._queued or not self._busy.acquire(blocking=False):
             return self.run_blocking(fn)
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         try:
+            self._busy_caller = threading.get_ident()
             if self._closed:
                 raise StoreUnavailable("the SQLite store is closed")
-            self._run_group([_Op(fn, None, fut)])
-            self._bound_wal()
+            try:
+                self._run_group([_Op(fn, None, fut)])
+            except BaseException:
+                self._abandon()
+                raise
+            if self._wal_path is not None and time.monotonic() >= self._next_wal_check:
+                self._queue.put(_BOUND_WAL)
         finally:
+            self._busy_caller = None
             self._busy.release()
         return fut.result()
+
+    def _abandon(self) -> None:
+        """Roll back a transaction that an interrupt left open (it would hold the database's write lock)."""
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def close(self) -> None:
         """Finish what is queued, then stop the thread. Idempotent."""
@@ -209,8 +233,9 @@ class Writer:
             self._queue.put(_STOP)
         if threading.current_thread() is not self._thread:
             self._thread.join()
-            with self._busy:  # a run_here in progress finishes before the connection may be closed
-                pass
+            if self._busy_caller != threading.get_ident():  # (not from a signal handler interrupting it)
+                with self._busy:  # a run_here in progress finishes before the connection may be closed
+                    pass
 
     def close_lock(self) -> None:
         """Close the write lock's file (after ``close``: the thread no longer takes it)."""
@@ -223,17 +248,20 @@ class Writer:
         stop = False
         while not stop:
             group: list[_Op[Any]] = []
+            bound_wal = False
             item = self._queue.get()
             while True:
                 if item is _STOP:
                     stop = True
                     break
-                if item.exclusive:
+                if item is _BOUND_WAL:
+                    bound_wal = True
+                elif item.exclusive:
                     with self._busy:
                         if group:  # run what came before it first, in order
                             self._run_group(group)
-                            group = []
                         self._run_exclusive(item)
+                    group = []
                 else:
                     group.append(item)
                 if len(group) >= MAX_GROUP:
@@ -242,9 +270,10 @@ class Writer:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if group:
+            if group or bound_wal:
                 with self._busy:
-                    self._run_group(group)
+                    if group:
+                        self._run_group(group)
                     self._bound_wal()
 
     def _bound_wal(self) -> None:
@@ -332,6 +361,7 @@ class Writer:
         conn = self.conn
         outcomes: list[tuple[_Op[Any], Any, BaseException | None]] = []
         topics: set[Topic] = set()
+        self._abandon()  # (never needed unless an interrupt cut a run_here short between its statements)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -382,8 +412,11 @@ class Writer:
             except Exception:  # a wake-up is an optimisation; it must never fail a committed write
                 pass
 
-    @staticmethod
-    def _deliver(outcomes: Iterable[tuple[_Op[Any], Any, BaseException | None]]) -> None:
+    def _deliver(self, outcomes: Sequence[tuple[_Op[Any], Any, BaseException | None]]) -> None:
+        queued = sum(op.queued for op, _, _ in outcomes)
+        if queued:  # before the results: a caller that has its result may find the queue empty at once
+            with self._lock:
+                self._queued -= queued
         by_loop: dict[
             asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         ] = {}

@@ -88,9 +88,17 @@ class WriteLock:
                 )
                 self._helper.start()
             self._cond.notify_all()
-            got = self._cond.wait_for(lambda: self._handed or self._broken, timeout) and self._handed
-            self._wanted = self._handed = False
-            self._cond.notify_all()
+            try:
+                got = self._cond.wait_for(lambda: self._handed or self._broken, timeout) and self._handed
+            except BaseException:  # an interrupt (a caller on the main thread): let go of what was handed
+                got = False
+                if self._handed:
+                    self._held = self._helper_fd
+                    self.release()
+                raise
+            finally:
+                self._wanted = self._handed = False
+                self._cond.notify_all()
             if got:
                 self._held = self._helper_fd
                 return True
