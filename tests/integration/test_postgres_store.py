@@ -523,3 +523,38 @@ async def test_blocking_inserts_leave_to_the_loop_what_needs_it(
         await store.close()
     assert pool.closed and store._blocking_pool is None
     assert store.insert_runs_blocking([NewRun("a", {})]) is None
+
+
+async def test_opening_the_blocking_pool_neither_stalls_the_loops_nor_leaks_its_error(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first blocking insert waits for the pool's first connection: meanwhile the loops' calls go on, and
+    a timeout is the store's StoreUnavailable (not psycopg_pool's error), with nothing left open."""
+    entered, gate = threading.Event(), threading.Event()
+    opened: list[Any] = []
+
+    def slow_open(pool: Any, wait: bool = False, timeout: float = 30.0) -> None:
+        opened.append(pool)
+        entered.set()
+        gate.wait(WAIT)
+        raise store_module.PoolTimeout("no connection yet")
+
+    monkeypatch.setattr(store_module.ConnectionPool, "open", slow_open)
+    failed: list[BaseException] = []
+
+    def blocking_insert() -> None:
+        try:
+            pg.insert_runs_blocking([NewRun("a", {})])
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=blocking_insert)
+    thread.start()
+    try:
+        assert await asyncio.to_thread(entered.wait, WAIT)
+        assert await asyncio.wait_for(pg.get_run(1), WAIT) is None  # not stalled behind the open
+    finally:
+        gate.set()
+        await asyncio.to_thread(thread.join, WAIT)
+    assert len(failed) == 1 and isinstance(failed[0], StoreUnavailable), failed
+    assert pg._blocking_pool is None and opened[0].closed

@@ -186,6 +186,7 @@ class PostgresStore(PostgresFlow, Store):
         self._hb_lock = threading.Lock()
         self._hb_conn: psycopg.Connection[Any] | None = None
         self._blocking_pool: _ThreadSidePool | None = None  # insert_runs_blocking's, opened at its first call
+        self._blocking_lock = threading.Lock()
         self._listener: Listener | None = None  # started by listen() or the notifier's first wait
         self._opened = False
         self._migrations = load_migrations(MIGRATIONS_PACKAGE)
@@ -512,21 +513,32 @@ class PostgresStore(PostgresFlow, Store):
         raise AssertionError("unreachable")
 
     def _open_blocking_pool(self) -> _ThreadSidePool:
-        with self._lock:
-            if self._blocking_pool is None:
-                if not self._opened:
-                    raise StoreUnavailable(f"the PostgreSQL store at {self.display_url} is closed")
-                pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-                    self._conninfo_for(),
-                    min_size=1,
-                    max_size=max(self.options.pool_max_size, 1),
-                    timeout=self.options.pool_timeout,
-                    kwargs={"autocommit": True, "prepare_threshold": self.options.prepare_threshold},
-                    open=False,
-                    name="runlane-blocking",
-                )
+        # Its own lock: opening waits for a first connection, which must not stall the loops' _pool().
+        with self._blocking_lock:
+            if self._blocking_pool is not None:
+                return self._blocking_pool
+            pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+                self._conninfo_for(),
+                min_size=1,
+                max_size=max(self.options.pool_max_size, 1),
+                timeout=self.options.pool_timeout,
+                kwargs={"autocommit": True, "prepare_threshold": self.options.prepare_threshold},
+                open=False,
+                name="runlane-blocking",
+            )
+            try:
                 pool.open(wait=True, timeout=self.options.pool_timeout)  # else the first call grows it
-                self._blocking_pool = _ThreadSidePool(pool)
+                with self._lock:
+                    if not self._opened:  # closed meanwhile
+                        raise StoreUnavailable(f"the PostgreSQL store at {self.display_url} is closed")
+                    self._blocking_pool = _ThreadSidePool(pool)
+            except BaseException as exc:
+                pool.close()
+                if isinstance(exc, PoolTimeout):
+                    raise StoreUnavailable(
+                        f"no connection to PostgreSQL at {self.display_url} within {self.options.pool_timeout}s"
+                    ) from exc
+                raise
             return self._blocking_pool
 
     async def insert_chunks(self, chunks: Sequence[Sequence[NewRun]]) -> list[Run]:
