@@ -57,11 +57,13 @@ class Client:
         if _blocking(connection):
             # The caller's sync connection is driven on the caller's thread, not the shared loop: a dedup id
             # held by another open transaction then blocks only this caller.
-            store, new = self.portal.call(self.async_client.prepare_trigger(job, args, **options))
+            store, new = self.async_client.prepare_trigger_now(job, args, **options) or self.portal.call(
+                self.async_client.prepare_trigger(job, args, **options)
+            )
             (run,) = store.insert_runs_in_transaction_blocking(connection, [new], on_conflict=on_conflict)
             return run
         if connection is None:
-            # On this thread when the store allows it (SQLite): no hand-over to the portal loop and back.
+            # On this thread once the store is open: no hand-over to the portal loop and back.
             prepared = self.async_client.prepare_trigger_now(job, args, **options)
             if prepared is not None:
                 store, new = prepared

@@ -82,6 +82,16 @@ async def _fetch_all(conn: AConn, step: ins.Step) -> list[tuple[Any, ...]]:
     return await cur.fetchall()
 
 
+def _still_holdable(conn: AConn | psycopg.Connection[Any], held_until: float) -> bool:
+    """A held connection goes back to its pool when broken, left mid-transaction, or held for long enough
+    that the pool's own policies (``max_lifetime``, replacing broken connections) should apply to it."""
+    return (
+        not conn.broken
+        and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        and time.monotonic() <= held_until
+    )
+
+
 @dataclass(slots=True)
 class _LoopPool:
     """One event loop's pool and the connection the store holds out of it.
@@ -107,11 +117,7 @@ class _LoopPool:
 
     async def settle(self, conn: AConn) -> None:
         """After a call on the held connection: keep it only if it is idle, healthy and not held too long."""
-        if (
-            conn.broken
-            or conn.info.transaction_status != pq.TransactionStatus.IDLE
-            or time.monotonic() > self.held_until
-        ):
+        if not _still_holdable(conn, self.held_until):
             await self.release()  # the pool rolls it back or replaces it as needed
 
     async def release(self) -> None:
@@ -153,14 +159,10 @@ class _ThreadSidePool:
             except BaseException:
                 self.pool.putconn(conn)  # the pool rolls it back or replaces it as needed
                 raise
-            if (
-                conn.broken
-                or conn.info.transaction_status != pq.TransactionStatus.IDLE
-                or time.monotonic() > self.held_until
-            ):
-                self.pool.putconn(conn)
-            else:
+            if _still_holdable(conn, self.held_until):
                 self.held = conn
+            else:
+                self.pool.putconn(conn)
         finally:
             self._lock.release()
 
