@@ -5,9 +5,9 @@ opened it, and the store is shared by the sync client's loop thread and the work
 connection for ``heartbeat_blocking`` (called from a plain thread while a job may block the loop), a pool of
 synchronous connections for ``insert_runs_blocking`` (the blocking client's triggers, opened at the first),
 and the listener's own connection. Each pool lends one connection to the store (its "held" one), which any
-call takes when it is free: sequential calls then reuse one warm backend instead of the pool's round robin. Every verb is one statement (batches go through UNNEST) or, for claims, one short
-transaction; wake-ups are NOTIFYed from inside the statement that made the change and signalled locally
-after it commits.
+call takes when it is free: sequential calls then reuse one warm backend instead of the pool's round robin.
+Every verb is one statement (batches go through UNNEST) or, for claims, one short transaction; wake-ups are
+NOTIFYed from inside the statement that made the change and signalled locally after it commits.
 """
 
 from __future__ import annotations
@@ -142,8 +142,7 @@ class _ThreadSidePool:
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        max_size = self.pool.max_size
-        if max_size < 2 or not self._lock.acquire(blocking=False):
+        if self.pool.max_size < 2 or not self._lock.acquire(blocking=False):
             with self.pool.connection() as conn:
                 yield conn
             return
@@ -537,9 +536,7 @@ class PostgresStore(PostgresFlow, Store):
             except BaseException as exc:
                 pool.close()
                 if isinstance(exc, PoolTimeout):
-                    raise StoreUnavailable(
-                        f"no connection to PostgreSQL at {self.display_url} within {self.options.pool_timeout}s"
-                    ) from exc
+                    self._retry_or_raise(exc, 0, retry_disconnect=False)  # raises StoreUnavailable
                 raise
             return self._blocking_pool
 

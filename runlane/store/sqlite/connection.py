@@ -28,7 +28,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -121,7 +121,6 @@ class _Op(Generic[T]):
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[T] | concurrent.futures.Future[T]
     exclusive: bool = False  # runs alone, outside any transaction (it manages its own: migrations)
-    queued: bool = False  # counted in Writer._queued until delivered
 
 
 def _resolve_many(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -163,7 +162,7 @@ class Writer:
         self._lock = threading.Lock()
         self._busy = threading.Lock()  # held while the connection is in use, by the thread or by run_here
         self._busy_caller: int | None = None  # the thread in run_here holding it
-        self._queued = 0  # operations put and not yet written: run_here waits its turn behind them
+        self._queued = 0  # operations put and not yet taken up by the thread: run_here waits behind them
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -174,8 +173,14 @@ class Writer:
             if self._closed:
                 raise StoreUnavailable("the SQLite store is closed")
             self._queued += 1
-            op.queued = True
             self._queue.put(op)
+
+    def _taken(self, n: int) -> None:
+        """The thread holds ``_busy`` for ``n`` operations it took off the queue: from now on run_here finds
+        the connection busy instead of the count."""
+        if n:
+            with self._lock:
+                self._queued -= n
 
     async def run(self, fn: Callable[[Tx], T], *, exclusive: bool = False) -> T:
         """Run ``fn`` in the next commit group and return its result once committed."""
@@ -258,6 +263,7 @@ class Writer:
                     bound_wal = True
                 elif item.exclusive:
                     with self._busy:
+                        self._taken(len(group) + 1)
                         if group:  # run what came before it first, in order
                             self._run_group(group)
                         self._run_exclusive(item)
@@ -272,6 +278,7 @@ class Writer:
                     break
             if group or bound_wal:
                 with self._busy:
+                    self._taken(len(group))
                     if group:
                         self._run_group(group)
                     self._bound_wal()
@@ -361,7 +368,6 @@ class Writer:
         conn = self.conn
         outcomes: list[tuple[_Op[Any], Any, BaseException | None]] = []
         topics: set[Topic] = set()
-        self._abandon()  # (never needed unless an interrupt cut a run_here short between its statements)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -412,11 +418,8 @@ class Writer:
             except Exception:  # a wake-up is an optimisation; it must never fail a committed write
                 pass
 
-    def _deliver(self, outcomes: Sequence[tuple[_Op[Any], Any, BaseException | None]]) -> None:
-        queued = sum(op.queued for op, _, _ in outcomes)
-        if queued:  # before the results: a caller that has its result may find the queue empty at once
-            with self._lock:
-                self._queued -= queued
+    @staticmethod
+    def _deliver(outcomes: Iterable[tuple[_Op[Any], Any, BaseException | None]]) -> None:
         by_loop: dict[
             asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
         ] = {}

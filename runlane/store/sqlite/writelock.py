@@ -91,7 +91,6 @@ class WriteLock:
             try:
                 got = self._cond.wait_for(lambda: self._handed or self._broken, timeout) and self._handed
             except BaseException:  # an interrupt (a caller on the main thread): let go of what was handed
-                got = False
                 if self._handed:
                     self._held = self._helper_fd
                     self.release()
