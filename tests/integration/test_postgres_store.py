@@ -373,6 +373,43 @@ async def test_a_held_connection_left_in_a_transaction_goes_back_to_the_pool(pg:
     assert lp.held is not None  # held again
 
 
+async def test_a_one_trip_transaction_commits_all_or_nothing_and_leaves_the_connection_usable(
+    pg: PostgresStore,
+) -> None:
+    """Flights queue BEGIN, their statements and COMMIT in one pipeline. A failing statement makes the server
+    skip the rest, COMMIT included: nothing before it may stay, and the connection (and its prepared
+    statements, psycopg prepares a statement from its fifth run) must be fit for the next flight."""
+    insert = (
+        "INSERT INTO runlane_workers (id, info, started_at, last_seen_at) VALUES (%s, '{}', now(), now())"
+    )
+
+    async def flight(conn: psycopg.AsyncConnection[Any], ids: list[str], fail: bool) -> list[Any]:
+        async with store_module._one_trip(conn):
+            cursors = [await conn.execute(insert, (worker,)) for worker in ids]
+            if fail:
+                await conn.execute("SELECT 1 / (SELECT count(*) - count(*) FROM runlane_workers)")
+            after = await conn.execute("SELECT txid_current()")
+        assert all(cur.rowcount == 1 for cur in cursors)
+        row = await after.fetchone()
+        return [conn.info.transaction_status.name, row]
+
+    async def workers(conn: psycopg.AsyncConnection[Any]) -> set[str]:
+        return {row[0] for row in await (await conn.execute("SELECT id FROM runlane_workers")).fetchall()}
+
+    for n in range(6):  # past the prepare threshold
+        status, _ = await pg._run(lambda conn, n=n: flight(conn, [f"ok-{n}a", f"ok-{n}b"], False))
+        assert status == "IDLE"
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        await pg._run(lambda conn: flight(conn, ["lost-a", "lost-b"], True))
+    (lp,) = pg._pools.values()
+    assert lp.held is not None  # rolled back in place, not handed back to the pool mid-transaction
+    status, _ = await pg._run(lambda conn: flight(conn, ["after"], False))
+    assert status == "IDLE"
+    found = await pg._run(workers)
+    assert {"lost-a", "lost-b"}.isdisjoint(found)
+    assert {"after", "ok-0a", "ok-5b"} <= found
+
+
 async def test_a_held_connection_killed_while_idle_is_replaced(pg: PostgresStore, pg_url: str) -> None:
     first = await _backend_pid(pg)
     _terminate(pg_url, first)

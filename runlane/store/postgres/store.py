@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, LiteralString, TypeVar
@@ -80,6 +80,28 @@ def _first_line(exc: BaseException) -> str:
 async def _fetch_all(conn: AConn, step: ins.Step) -> list[tuple[Any, ...]]:
     cur = await conn.execute(*step)
     return await cur.fetchall()
+
+
+@contextlib.asynccontextmanager
+async def _one_trip(conn: AConn) -> AsyncIterator[None]:
+    """A transaction whose BEGIN, statements and COMMIT go out in one pipeline: one round trip.
+
+    psycopg's ``transaction()`` inside a pipeline nests two more pipelines, each synced on exit: three
+    round trips for one transaction (a one-run claim: 0.87-1.07 ms against 0.6 ms). Statements are queued
+    inside the block and their results read after it. When one fails, the server skips the rest up to the
+    sync, COMMIT included, leaving a failed transaction block: it is rolled back here, as ``transaction()``
+    would, before the error propagates (a cancelled wait leaves the connection to its pool, which checks it).
+    """
+    try:
+        async with conn.pipeline():
+            await conn.execute("BEGIN")
+            yield
+            await conn.execute("COMMIT")
+    except psycopg.Error:
+        if not conn.broken and conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            with contextlib.suppress(psycopg.Error):
+                await conn.rollback()
+        raise
 
 
 def _still_holdable(conn: AConn | psycopg.Connection[Any], held_until: float) -> bool:
@@ -678,8 +700,9 @@ class PostgresStore(PostgresFlow, Store):
         batches = rounds(list(groups.items()), key=lambda item: item[0][0])
 
         async def body(conn: AConn) -> set[int]:
-            refused: set[int] = set()
-            async with conn.transaction():
+            sent: list[tuple[list[tuple[int, int | None, list[EventDraft]]], psycopg.AsyncCursor[Any]]] = []
+            # One round (the usual case) is one autocommit statement; more go out together in one trip.
+            async with contextlib.nullcontext() if len(batches) == 1 else _one_trip(conn):
                 for batch in batches:
                     group_list = [(run_id, attempt, drafts) for _, ((run_id, attempt), drafts) in batch]
                     params = {
@@ -689,9 +712,11 @@ class PostgresStore(PostgresFlow, Store):
                         "token": self._token,
                         "channels": _channels("change"),
                     }
-                    cur = await conn.execute(Q["append_events"], params)
-                    accepted = {row[0] for row in await cur.fetchall()}
-                    refused |= {run_id for run_id, _, _ in group_list if run_id not in accepted}
+                    sent.append((group_list, await conn.execute(Q["append_events"], params)))
+            refused: set[int] = set()
+            for group_list, cur in sent:
+                accepted = {row[0] for row in await cur.fetchall()}
+                refused |= {run_id for run_id, _, _ in group_list if run_id not in accepted}
             return refused
 
         refused = await self._run(body)
@@ -882,7 +907,7 @@ class PostgresStore(PostgresFlow, Store):
         ending = sorted({f.run_id for f in finishes if f.outcome != "retrying"})
 
         async def body(conn: AConn) -> tuple[list[bool], bool, int, list[tuple[Any, ...]]]:
-            async with conn.pipeline(), conn.transaction():
+            async with _one_trip(conn):
                 finished, resolved = await self._send_finish(conn, batches, ending, worker_id, topics, now)
                 promote, claim = await self._send_claim(
                     conn, worker_id, queues, jobs, limit, lease_timeout, now
@@ -966,10 +991,7 @@ class PostgresStore(PostgresFlow, Store):
 
         async def body(conn: AConn) -> tuple[list[bool], bool]:
             single = len(batches) == 1 and not ending
-            async with (
-                contextlib.nullcontext() if single else conn.pipeline(),
-                contextlib.nullcontext() if single else conn.transaction(),
-            ):
+            async with contextlib.nullcontext() if single else _one_trip(conn):
                 finished, resolved = await self._send_finish(conn, batches, ending, worker_id, topics, now)
             return await self._collect_finish(finishes, finished, resolved)
 
