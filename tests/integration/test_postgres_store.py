@@ -13,7 +13,7 @@ import pytest
 
 from runlane.errors import InvalidConnection, RunConflict, StoreUnavailable
 from runlane.models import RunFilter
-from runlane.store import Lease, NewRun, create_store
+from runlane.store import Finish, Lease, NewRun, create_store
 from runlane.store.postgres import PostgresStore
 from runlane.store.postgres import store as store_module
 from runlane.store.postgres.config import PostgresOptions, hide_password
@@ -408,6 +408,34 @@ async def test_a_one_trip_transaction_commits_all_or_nothing_and_leaves_the_conn
     found = await pg._run(workers)
     assert {"lost-a", "lost-b"}.isdisjoint(found)
     assert {"after", "ok-0a", "ok-5b"} <= found
+
+
+async def test_small_flights_use_generic_plans_over_a_large_backlog(pg: PostgresStore) -> None:
+    """With thousands of runs waiting elsewhere, PostgreSQL judged a custom plan cheaper for a flight of one
+    run and planned the finish and the continuations' decision again every time (~0.7 ms of server CPU per
+    flight): flights force the generic plans."""
+    await pg.insert_runs([NewRun("backlog", {}, queue="elsewhere") for _ in range(20_000)])
+    for _ in range(8):  # psycopg prepares a statement at its fifth run
+        await pg.insert_runs([NewRun("a", {})])
+        (run,) = await pg.claim("w", queues=["default"], jobs=["a"], limit=1, lease_timeout=30)
+        done, _ = await pg.finish_and_claim(
+            [Finish(run.id, run.attempt, "succeeded")],
+            worker_id="w",
+            queues=["default"],
+            jobs=["a"],
+            limit=1,
+            lease_timeout=30,
+        )
+        assert done == [True]
+
+    async def plans(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+        query = "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+        return await (await conn.execute(query)).fetchall()
+
+    rows = await pg._run(plans)
+    flight = [r for r in rows if "finishes and their events" in r[0] or "Decide the continuations" in r[0]]
+    assert len(flight) == 2
+    assert all(generic >= 3 and custom == 0 for _, generic, custom in flight), flight
 
 
 async def test_a_held_connection_killed_while_idle_is_replaced(pg: PostgresStore, pg_url: str) -> None:
