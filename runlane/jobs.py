@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, get_type_hints
 
-import jsonschema
 import pydantic
 import pydantic_core
 
@@ -23,6 +22,8 @@ from runlane.retry import DEFAULT_RETRY, Retry
 from runlane.serialization import NotSerializable, to_jsonable
 
 if TYPE_CHECKING:
+    import jsonschema
+
     from runlane.app import Runlane
     from runlane.models import Run
 
@@ -276,6 +277,10 @@ def _schema_validator(schema: Mapping[str, Any]) -> jsonschema.Draft202012Valida
         return entry[1]
     if len(_VALIDATORS) >= _VALIDATORS_MAX:
         _VALIDATORS.clear()
+    # Imported here: only client-only processes validate against a schema, and jsonschema (with its
+    # referencing and attrs) is a quarter of the import time of every worker and script.
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(dict(schema))
     _VALIDATORS[id(schema)] = (schema, validator)
     return validator
