@@ -119,12 +119,9 @@ def worker(
     hands unfinished runs back to pending; a second signal stops at once.
     """
     _setup_logging(log_level)
-    app = load_user_app(app_path, url)
     if processes > 1:
         from runlane.worker.processes import Supervisor
 
-        with opened(app):
-            call(app, app.open_store())  # a wrong URL or an unmigrated store fails here once, not N times
         argv = [
             sys.executable,
             "-m",
@@ -141,7 +138,21 @@ def worker(
         argv += ["--queues", queues] if queues else []
         argv += ["--burst"] if burst else []
         argv += ["--url", url] if url and url_from_command_line() else []
-        sys.exit(Supervisor(argv, processes, burst=burst).run())
+        supervisor = Supervisor(argv, processes, burst=burst)
+        supervisor.start_gated()  # they import while this process checks (see processes.py)
+        try:
+            app = load_user_app(app_path, url)
+            with opened(app):
+                call(app, app.open_store())  # a wrong URL or an unmigrated store fails here once, not N times
+        except BaseException:
+            supervisor.abort()
+            raise
+        sys.exit(supervisor.run())
+    from runlane.worker.processes import wait_at_gate
+
+    if not wait_at_gate():
+        sys.exit(0)  # the supervisor found a problem and reports it
+    app = load_user_app(app_path, url)
     # CPU-bound sync jobs hold the GIL in 5 ms slices by default; every store round trip of the heartbeat,
     # claim and finish paths must win it back several times, so under such jobs a heartbeat took over a
     # second (chaos T06). Shorter slices keep the worker's own threads responsive for a few % of job speed.

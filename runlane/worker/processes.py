@@ -5,12 +5,18 @@ already hold threads (the client's loop, a store's writer) and fork would copy t
 children run in their own process group so that a terminal's Ctrl-C reaches only the supervisor, which
 forwards it once: otherwise every child would see the supervisor's forward as a *second* signal and stop
 at once instead of draining. On Linux a child also gets SIGTERM if the supervisor dies (SIGKILL, OOM).
+
+The first children start while the supervisor still loads the app and checks the store: most of a
+worker's start-up is its imports, and the supervisor's check used to come before all of it. They wait at a
+gate (one byte on a pipe, before they load the app) until the check passed, and leave quietly if it did
+not, so a wrong APP, URL or schema is still reported once, by the supervisor.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +32,20 @@ log = logging.getLogger("runlane.supervisor")
 _FORWARDED = (signal.SIGTERM, signal.SIGINT)
 _QUICK_CRASH = 10.0  # a child that dies sooner than this after starting counts towards giving up
 _MAX_QUICK_CRASHES = 5
+GATE_ENV = "RUNLANE_WORKER_GATE"
+"""Set for children started by ``start_gated``: the pipe to read the go-ahead from (see ``wait_at_gate``)."""
+
+
+def wait_at_gate() -> bool:
+    """In a child: if started gated, block until the supervisor's go-ahead; False if it never comes."""
+    gate = os.environ.pop(GATE_ENV, None)  # not for this child's own children (job processes)
+    if gate is None:
+        return True
+    fd = int(gate)
+    try:
+        return os.read(fd, 1) == b"g"
+    finally:
+        os.close(fd)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -70,13 +90,53 @@ class Supervisor:
         self._wake = threading.Event()
         self._signals: list[signal.Signals] = []
         self._stopping = False
+        self._gate: int | None = None  # the write end of the gate's pipe, while children wait at it
 
-    def _spawn(self, slot: _Slot) -> None:
+    def start_gated(self) -> None:
+        """Start every child now; each waits at the gate until ``release`` (or leaves at ``abort``)."""
+        read_end, self._gate = os.pipe()
+        try:
+            for slot in self.slots:
+                self._spawn(slot, gate=read_end)
+        finally:
+            os.close(read_end)
+
+    def release(self) -> None:
+        """Let the gated children go on (one byte each)."""
+        if self._gate is not None:
+            os.write(self._gate, b"g" * len(self.slots))
+            os.close(self._gate)
+            self._gate = None
+            for slot in self.slots:
+                if slot.process is not None:
+                    log.info("started worker process %d (pid %d)", slot.index + 1, slot.process.pid)
+
+    def abort(self, timeout: float = 10.0) -> None:
+        """Send the gated children away (they read end of file and exit 0) and wait for them."""
+        if self._gate is not None:
+            os.close(self._gate)
+            self._gate = None
+        for slot in self.slots:
+            if slot.process is not None:
+                try:
+                    slot.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    slot.process.kill()
+                    slot.process.wait()
+                slot.process = None
+
+    def _spawn(self, slot: _Slot, gate: int | None = None) -> None:
         preexec: Callable[[], None] | None = _die_with_parent if sys.platform.startswith("linux") else None
-        slot.process = subprocess.Popen(self.argv, env=self.env, process_group=0, preexec_fn=preexec)
+        env = self.env
+        fds: tuple[int, ...] = ()
+        if gate is not None:
+            env = {**(os.environ if env is None else env), GATE_ENV: str(gate)}
+            fds = (gate,)
+        slot.process = subprocess.Popen(self.argv, env=env, process_group=0, preexec_fn=preexec, pass_fds=fds)
         slot.started_at = time.monotonic()
         slot.restart_at = None
-        log.info("started worker process %d (pid %d)", slot.index + 1, slot.process.pid)
+        if gate is None:  # a gated start is logged once released: it may still be called off
+            log.info("started worker process %d (pid %d)", slot.index + 1, slot.process.pid)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals.append(signal.Signals(signum))
@@ -90,8 +150,10 @@ class Supervisor:
         for sig in (*_FORWARDED, signal.SIGCHLD):
             previous[sig] = signal.signal(sig, self._on_child if sig is signal.SIGCHLD else self._on_signal)
         try:
+            self.release()
             for slot in self.slots:
-                self._spawn(slot)
+                if slot.process is None:
+                    self._spawn(slot)
             while not all(slot.exit_code is not None for slot in self.slots):
                 self._wake.wait(0.5)
                 self._wake.clear()

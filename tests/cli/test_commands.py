@@ -36,6 +36,15 @@ def test_unmigrated_store_is_one_clear_line(cli: Cli) -> None:
         assert "Traceback" not in result.stderr
 
 
+def test_worker_processes_report_a_bad_app_or_store_once(cli: Cli) -> None:
+    """The supervisor's children start while it checks the app and the store; they wait for its go-ahead,
+    so a problem is still one line from the supervisor, not one more from every child."""
+    for app, needle in (("demo_app:app", "runlane migrate"), ("no_such_module:app", "no_such_module")):
+        result = cli("worker", app, "--processes", "2", "--concurrency", "2")
+        assert result.returncode == 1, result.stderr
+        assert needle in one_error_line(result.stderr)
+
+
 def test_unreachable_store_is_one_clear_line(cli: Cli, tmp_path: Path) -> None:
     result = cli("runs", "--url", f"sqlite:///{tmp_path / 'missing' / 'dir' / 'x.db'}")
     assert result.returncode == 1
