@@ -377,37 +377,37 @@ async def test_a_one_trip_transaction_commits_all_or_nothing_and_leaves_the_conn
     pg: PostgresStore,
 ) -> None:
     """Flights queue BEGIN, their statements and COMMIT in one pipeline. A failing statement makes the server
-    skip the rest, COMMIT included: nothing before it may stay, and the connection (and its prepared
-    statements, psycopg prepares a statement from its fifth run) must be fit for the next flight."""
+    skip the rest, COMMIT included; an error raised while queueing leaves the queued statements sent without
+    their COMMIT. Either way nothing may stay, and the connection (and its prepared statements, psycopg
+    prepares a statement from its fifth run) must be fit for the next flight."""
     insert = (
         "INSERT INTO runlane_workers (id, info, started_at, last_seen_at) VALUES (%s, '{}', now(), now())"
     )
 
-    async def flight(conn: psycopg.AsyncConnection[Any], ids: list[str], fail: bool) -> list[Any]:
+    async def flight(conn: psycopg.AsyncConnection[Any], ids: list[str], fail: str = "") -> str:
         async with store_module._one_trip(conn):
             cursors = [await conn.execute(insert, (worker,)) for worker in ids]
-            if fail:
+            if fail == "statement":
                 await conn.execute("SELECT 1 / (SELECT count(*) - count(*) FROM runlane_workers)")
-            after = await conn.execute("SELECT txid_current()")
+            if fail == "python":
+                raise LookupError("raised while queueing")
         assert all(cur.rowcount == 1 for cur in cursors)
-        row = await after.fetchone()
-        return [conn.info.transaction_status.name, row]
+        return conn.info.transaction_status.name
 
     async def workers(conn: psycopg.AsyncConnection[Any]) -> set[str]:
         return {row[0] for row in await (await conn.execute("SELECT id FROM runlane_workers")).fetchall()}
 
     for n in range(6):  # past the prepare threshold
-        status, _ = await pg._run(lambda conn, n=n: flight(conn, [f"ok-{n}a", f"ok-{n}b"], False))
-        assert status == "IDLE"
-    with pytest.raises(psycopg.errors.DivisionByZero):
-        await pg._run(lambda conn: flight(conn, ["lost-a", "lost-b"], True))
+        assert await pg._run(lambda conn, n=n: flight(conn, [f"ok-{n}a", f"ok-{n}b"])) == "IDLE"
     (lp,) = pg._pools.values()
-    assert lp.held is not None  # rolled back in place, not handed back to the pool mid-transaction
-    status, _ = await pg._run(lambda conn: flight(conn, ["after"], False))
-    assert status == "IDLE"
+    for fail, error in (("statement", psycopg.errors.DivisionByZero), ("python", LookupError)):
+        with pytest.raises(error):
+            await pg._run(lambda conn, fail=fail: flight(conn, [f"lost-{fail}-a", f"lost-{fail}-b"], fail))
+        assert lp.held is not None  # rolled back in place, not handed back to the pool mid-transaction
+        assert await pg._run(lambda conn, fail=fail: flight(conn, [f"after-{fail}"])) == "IDLE"
     found = await pg._run(workers)
-    assert {"lost-a", "lost-b"}.isdisjoint(found)
-    assert {"after", "ok-0a", "ok-5b"} <= found
+    assert not {w for w in found if w.startswith("lost-")}
+    assert {"after-statement", "after-python", "ok-0a", "ok-5b"} <= found
 
 
 async def test_small_flights_use_generic_plans_over_a_large_backlog(pg: PostgresStore) -> None:
