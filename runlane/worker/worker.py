@@ -38,6 +38,11 @@ log = logging.getLogger("runlane.worker")
 T = TypeVar("T")
 
 _PRUNE_EVERY = 300.0
+_PREFETCH_ROUND_TRIPS = 3
+"""Round trips' worth of starts claimed ahead. A slot freed just after a flight left waits for that flight
+to return and for the next to bring its replacement (two round trips), and flight times vary. With one,
+w5 (2,000 runs of 50 ms, concurrency 50) lost a flight per run to those waits: 2.15-2.24 s against
+2.11-2.12 with two and 2.108-2.109 with three (in-process, PostgreSQL, 3 runs each)."""
 _PREFETCH_FACTOR = 8
 """Default bound on runs claimed ahead, per slot. Only runs far shorter than a claim round trip reach it. A
 flight costs PostgreSQL ~1.7 ms whatever it carries, plus ~50 us per run (``bench.drain_costs --replay``), so
@@ -349,12 +354,13 @@ class Worker:
         return self.concurrency + self._prefetch() - len(self._active) - self._reserved
 
     def _prefetch(self) -> int:
-        """How many runs to claim beyond the free slots: about as many as this worker starts during one claim
-        round trip, so that it executes runs while the next claim is at the store instead of waiting for it
-        (a no-op drain: the whole ``prefetch`` setting), and none when bodies outlast a round trip by far
-        (long jobs stay claimable by idle workers). A run claimed ahead therefore waits about one round trip
-        for its slot; it is leased and heartbeated like a running one, and handed back unstarted at shutdown.
-        None under limits: a run claimed ahead would hold a limit slot while it waits for one of ours."""
+        """How many runs to claim beyond the free slots: about as many as this worker starts during
+        ``_PREFETCH_ROUND_TRIPS`` claim round trips, so that it executes runs while claims are at the store
+        instead of waiting for them (a no-op drain: the whole ``prefetch`` setting), and none when bodies
+        outlast a round trip by far (long jobs stay claimable by idle workers). A run claimed ahead waits
+        a few round trips at most for its slot; it is leased and heartbeated like a running one, and handed
+        back unstarted at shutdown. None under limits: a run claimed ahead would hold a limit slot while it
+        waits for one of ours."""
         if self._limited:
             return 0
         limit = (
@@ -362,7 +368,8 @@ class Worker:
         )
         if limit <= 0 or self._body_time is None or self._claim_time is None:
             return 0
-        return min(limit, int(self.concurrency * self._claim_time / max(self._body_time, 1e-6)))
+        ahead = _PREFETCH_ROUND_TRIPS * self.concurrency * self._claim_time / max(self._body_time, 1e-6)
+        return min(limit, int(ahead))
 
     async def _flush_finishes(self, store: Store, batch: Sequence[Finish]) -> Sequence[bool]:
         """Write ends of attempts and, in the same round trip, claim runs for the slots they freed."""

@@ -72,6 +72,18 @@ async def test_a_busy_worker_claims_ahead_but_never_runs_more_than_its_concurren
         assert attempt.status is RunStatus.SUCCEEDED
 
 
+def test_prefetch_covers_the_starts_of_a_few_claim_round_trips(app: Runlane) -> None:
+    """A slot freed just after a flight left waits for it and for the next: claiming ahead only what one
+    round trip starts left most freed slots of 50 ms runs waiting (w5 ~0.1 s over its ideal 2 s)."""
+    worker = app.worker(concurrency=50)
+    worker._body_time, worker._claim_time = 1 / 16, 1 / 512  # 62.5 ms bodies, ~2 ms claims (exact floats)
+    assert worker._prefetch() == 4  # 50 slots start ~1.6 runs per round trip: 3 round trips' worth
+    worker._body_time = 1.0
+    assert worker._prefetch() == 0  # long bodies stay claimable by idle workers
+    worker._body_time = 1e-5
+    assert worker._prefetch() == 8 * 50  # no-op bodies: the bound
+
+
 @dataclass
 class Blocked:
     """A worker of concurrency 1 whose one slot a blocking run holds, after short runs sized its prefetch."""
