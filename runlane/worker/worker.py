@@ -45,8 +45,9 @@ w5 (2,000 runs of 50 ms, concurrency 50) lost a flight per run to those waits: 2
 2.11-2.12 with two and 2.108-2.109 with three (in-process, PostgreSQL, 3 runs each)."""
 _PREFETCH_FACTOR = 8
 """Default bound on runs claimed ahead, per slot. Only runs far shorter than a claim round trip reach it. A
-flight costs PostgreSQL ~1.7 ms whatever it carries, plus ~50 us per run (``bench.drain_costs --replay``), so
-a drain of no-op runs sped up by 30 % from 4 (Celery's prefetch multiplier) to 8; 16 added little more."""
+flight cost PostgreSQL ~1.7 ms whatever it carried (~1.1 ms since flights are one round trip), plus ~50 us per
+run (``bench.drain_costs --replay``), so a drain of no-op runs sped up by 30 % from 4 (Celery's prefetch
+multiplier) to 8; 16 added little more."""
 _EMA = 0.2  # weight of the newest sample in the body and claim durations that size the prefetch
 
 
