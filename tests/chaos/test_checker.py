@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from harness.checker import _stopped_between
+import dataclasses
+from datetime import UTC, datetime
+
+from harness.checker import StoreState, _stopped_between, check
 from harness.faults import Fault
+from harness.ledger import Execution
+
+from runlane.models import Attempt, ErrorInfo, Run, RunStatus
 
 
 def test_limits_under_chaos_a_zombie_paused_again_is_not_executing_while_stopped() -> None:
@@ -20,3 +26,31 @@ def test_limits_under_chaos_a_zombie_paused_again_is_not_executing_while_stopped
     assert _stopped_between(7, 20.0, 36.0, faults) == 14.0
     assert _stopped_between(7, 20.0, 21.0, faults) == 0.0
     assert _stopped_between(7, 20.0, 62.0, faults) == 14.0 + 2.0
+
+
+def test_a_limit_overlap_names_the_executions_in_progress() -> None:
+    """A violation lists what was running at that instant, ledger and store side by side: the one flake of
+    the limits test (CI of 2026-12-07) left only a count and a time."""
+    at = datetime.fromtimestamp(100.0, UTC)
+    run = Run(
+        id=1, job="solo", args={}, status=RunStatus.SUCCEEDED, queue="default", priority=0, attempt=1,
+        max_attempts=3, not_before=None, not_after=None, dedup_id=None, tags=(), parent_run_id=None,
+        root_run_id=1, batch_id=None, schedule_id=None, created_at=at, started_at=at, finished_at=at,
+        progress=None, progress_message=None, result=None, error=None, worker_id="w",
+    )  # fmt: skip
+    runs = {1: run, 2: dataclasses.replace(run, id=2, root_run_id=2)}
+    attempts = {
+        1: [Attempt(1, "w", at, at, RunStatus.SUCCEEDED, None)],
+        2: [Attempt(1, "w", at, at, RunStatus.FAILED, ErrorInfo("WorkerLost", "gone"))],
+    }
+    executions = [
+        Execution(1, 1, 1, "solo", None, "w", 11, 100.0, 101.0, "succeeded", None),
+        Execution(2, 2, 1, "solo", None, "w", 12, 100.5, 102.0, "succeeded", None),
+    ]
+    report = check(StoreState(runs, attempts, {}), executions, [], [], limits={"job:solo": 1}, end_time=200.0)
+    (overlap,) = report.overlaps
+    assert overlap.startswith("job:solo: 2 overlapping executions at 100.500: ")
+    assert "run 1 attempt 1 pid 11 counted 100.000-101.000" in overlap
+    assert "run 2 attempt 1 pid 12 counted 100.500-102.000" in overlap
+    assert "error WorkerLost" in overlap
+    assert report.max_overlap["job:solo"] == 2

@@ -251,6 +251,18 @@ def _clip_zombie(
     return end
 
 
+def _describe(span: tuple[float, float, Execution], state: StoreState) -> str:
+    """One execution counted against a limit: what the ledger and the store say about it."""
+    start, end, e = span
+    attempt = next((a for a in state.attempts.get(e.run_id, []) if a.number == e.attempt), None)
+    error = attempt.error.type if attempt is not None and attempt.error is not None else None
+    status = attempt.status.value if attempt is not None else "no attempt row"
+    return (
+        f"run {e.run_id} attempt {e.attempt} pid {e.pid} counted {start:.3f}-{end:.3f} "
+        f"(ledger end {e.t_end}, outcome {e.outcome}; attempt {status}, error {error})"
+    )
+
+
 def check(
     state: StoreState,
     executions: Sequence[Execution],
@@ -353,14 +365,23 @@ def check(
                 for g in groups:
                     intervals[g].append((e.t_start, end, e))
         for group, spans in intervals.items():
-            points = sorted([(s, 1) for s, _, _ in spans] + [(t, -1) for _, t, _ in spans])
+            # Ends sort before starts at the same instant; the executions in progress are kept so that a
+            # violation names them (the one flake seen, CI of 2026-12-07, left nothing else to go on).
+            points = sorted(
+                [(s, 1, i) for i, (s, _, _) in enumerate(spans)]
+                + [(t, -1, i) for i, (_, t, _) in enumerate(spans)]
+            )
+            live: dict[int, int] = defaultdict(int)  # per span, started minus ended (zero-length: 0)
             current = peak = 0
-            for at, delta in points:
+            for at, delta, i in points:
                 current += delta
-                if current > peak:
-                    peak = current
+                live[i] += delta
+                peak = max(peak, current)
                 if current > limits[group]:
-                    report.overlaps.append(f"{group}: {current} overlapping executions at {at:.3f}")
+                    report.overlaps.append(
+                        f"{group}: {current} overlapping executions at {at:.3f}: "
+                        + "; ".join(_describe(spans[j], state) for j, n in sorted(live.items()) if n > 0)
+                    )
             report.max_overlap[group] = peak
 
     # accounting -----------------------------------------------------------------------------------------------------
