@@ -54,3 +54,30 @@ def test_a_limit_overlap_names_the_executions_in_progress() -> None:
     assert "run 2 attempt 1 pid 12 counted 100.500-102.000" in overlap
     assert "error WorkerLost" in overlap
     assert report.max_overlap["job:solo"] == 2
+
+
+def test_an_execution_recorded_just_after_its_process_was_paused_is_a_zombie() -> None:
+    """SIGSTOP takes effect when the kernel next interrupts the process: a job thread recorded its start 2 ms
+    after the harness recorded the pause, then stopped for the pause's 4 s while its run was reclaimed and run
+    elsewhere. It executed nothing meanwhile, so it counts against no limit (it used to, whole)."""
+    at = datetime.fromtimestamp(100.0, UTC)
+    run = Run(
+        id=1, job="solo", args={}, status=RunStatus.SUCCEEDED, queue="default", priority=0, attempt=1,
+        max_attempts=3, not_before=None, not_after=None, dedup_id=None, tags=(), parent_run_id=None,
+        root_run_id=1, batch_id=None, schedule_id=None, created_at=at, started_at=at, finished_at=at,
+        progress=None, progress_message=None, result=None, error=None, worker_id="w",
+    )  # fmt: skip
+    runs = {1: run, 2: dataclasses.replace(run, id=2, root_run_id=2)}
+    lost = Attempt(1, "w", at, at, RunStatus.FAILED, ErrorInfo("WorkerLost", "gone"))
+    attempts = {1: [Attempt(1, "w", at, at, RunStatus.SUCCEEDED, None)], 2: [lost]}
+    executions = [
+        Execution(1, 1, 1, "solo", None, "w", 11, 100.6, 101.0, "done", None),
+        Execution(2, 2, 1, "solo", None, "w", 12, 100.502, 104.54, "cancelled", None),
+    ]
+    faults = [Fault("pause", 12, 100.5, 104.5)]
+    state = StoreState(runs, attempts, {})
+    report = check(state, executions, [], faults, limits={"job:solo": 1}, end_time=200.0)
+    assert report.overlaps == []
+    late = [dataclasses.replace(executions[1], t_start=100.5 + 0.2)]  # well after the pause: not explained
+    report = check(state, [executions[0], *late], [], faults, limits={"job:solo": 1}, end_time=200.0)
+    assert len(report.overlaps) == 1

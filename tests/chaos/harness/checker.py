@@ -231,6 +231,13 @@ def _stopped_between(pid: int, start: float, end: float, faults: Sequence[Fault]
     return total
 
 
+SIGNAL_SLACK = 0.1
+"""Seconds by which an execution's recorded start may follow the recorded start of a pause of its process.
+SIGSTOP takes effect when the kernel next interrupts the process's threads, and the harness records the
+pause after ``kill`` returns: on a loaded machine a job thread recorded its start a little after the pause
+and then stopped (a limits flake: an execution of 4.04 s against a 4 s pause, counted whole)."""
+
+
 def _clip_zombie(
     e: Execution, end: float, faults: Sequence[Fault], state: StoreState, report: Report
 ) -> float:
@@ -238,7 +245,7 @@ def _clip_zombie(
     a fenced zombie until it notices the lost lease. Count its execution up to the pause for limits, and
     record the zombie tail (resume to stop) so that a test can bound it."""
     for f in faults:
-        if f.kind != "pause" or f.pid != e.pid or not e.t_start < f.t_start < end:
+        if f.kind != "pause" or f.pid != e.pid or not e.t_start - SIGNAL_SLACK < f.t_start < end:
             continue
         attempt = next((a for a in state.attempts.get(e.run_id, []) if a.number == e.attempt), None)
         if attempt is None or attempt.error is None or attempt.error.type != WORKER_LOST:
@@ -247,19 +254,26 @@ def _clip_zombie(
         if tail >= report.extra.get("zombie_tail_max_s", 0.0):
             report.extra["zombie_tail_max_s"] = tail
             report.extra["zombie_tail_case"] = f"{e} paused {f.t_start:.3f}-{f.until:.3f} end {end:.3f}"
-        return f.t_start
+        return max(f.t_start, e.t_start)
     return end
 
 
-def _describe(span: tuple[float, float, Execution], state: StoreState) -> str:
-    """One execution counted against a limit: what the ledger and the store say about it."""
+def _describe(span: tuple[float, float, Execution], state: StoreState, faults: Sequence[Fault]) -> str:
+    """One execution counted against a limit: what the ledger, the store and the fault log say about it."""
     start, end, e = span
     attempt = next((a for a in state.attempts.get(e.run_id, []) if a.number == e.attempt), None)
     error = attempt.error.type if attempt is not None and attempt.error is not None else None
     status = attempt.status.value if attempt is not None else "no attempt row"
+    ledger_end = "none" if e.t_end is None else f"{e.t_end:.3f}"
+    nearby = [
+        f"{f.kind} {f.t_start:.3f}-{f.until:.3f}"
+        for f in faults
+        if f.pid in (e.pid, None) and f.t_start <= e.t_start + 5.0 and f.until >= e.t_start - 5.0
+    ]
     return (
         f"run {e.run_id} attempt {e.attempt} pid {e.pid} counted {start:.3f}-{end:.3f} "
-        f"(ledger end {e.t_end}, outcome {e.outcome}; attempt {status}, error {error})"
+        f"(ledger start {e.t_start:.3f} end {ledger_end}, outcome {e.outcome}; attempt {status}, "
+        f"error {error}; faults of its process {nearby or 'none'})"
     )
 
 
@@ -380,7 +394,9 @@ def check(
                 if current > limits[group]:
                     report.overlaps.append(
                         f"{group}: {current} overlapping executions at {at:.3f}: "
-                        + "; ".join(_describe(spans[j], state) for j, n in sorted(live.items()) if n > 0)
+                        + "; ".join(
+                            _describe(spans[j], state, faults) for j, n in sorted(live.items()) if n > 0
+                        )
                     )
             report.max_overlap[group] = peak
 
