@@ -28,20 +28,27 @@ def test_limits_under_chaos_a_zombie_paused_again_is_not_executing_while_stopped
     assert _stopped_between(7, 20.0, 62.0, faults) == 14.0 + 2.0
 
 
-def test_a_limit_overlap_names_the_executions_in_progress() -> None:
-    """A violation lists what was running at that instant, ledger and store side by side: the one flake of
-    the limits test (CI of 2026-12-07) left only a count and a time."""
-    at = datetime.fromtimestamp(100.0, UTC)
+AT = datetime.fromtimestamp(100.0, UTC)
+
+
+def _two_solo_runs() -> dict[int, Run]:
+    """Runs 1 and 2 of a job ``solo`` (the store's side of the overlap tests below)."""
     run = Run(
         id=1, job="solo", args={}, status=RunStatus.SUCCEEDED, queue="default", priority=0, attempt=1,
         max_attempts=3, not_before=None, not_after=None, dedup_id=None, tags=(), parent_run_id=None,
-        root_run_id=1, batch_id=None, schedule_id=None, created_at=at, started_at=at, finished_at=at,
+        root_run_id=1, batch_id=None, schedule_id=None, created_at=AT, started_at=AT, finished_at=AT,
         progress=None, progress_message=None, result=None, error=None, worker_id="w",
     )  # fmt: skip
-    runs = {1: run, 2: dataclasses.replace(run, id=2, root_run_id=2)}
+    return {1: run, 2: dataclasses.replace(run, id=2, root_run_id=2)}
+
+
+def test_a_limit_overlap_names_the_executions_in_progress() -> None:
+    """A violation lists what was running at that instant, ledger and store side by side: the one flake of
+    the limits test (CI of 2026-12-07) left only a count and a time."""
+    runs = _two_solo_runs()
     attempts = {
-        1: [Attempt(1, "w", at, at, RunStatus.SUCCEEDED, None)],
-        2: [Attempt(1, "w", at, at, RunStatus.FAILED, ErrorInfo("WorkerLost", "gone"))],
+        1: [Attempt(1, "w", AT, AT, RunStatus.SUCCEEDED, None)],
+        2: [Attempt(1, "w", AT, AT, RunStatus.FAILED, ErrorInfo("WorkerLost", "gone"))],
     }
     executions = [
         Execution(1, 1, 1, "solo", None, "w", 11, 100.0, 101.0, "succeeded", None),
@@ -60,16 +67,9 @@ def test_an_execution_recorded_just_after_its_process_was_paused_is_a_zombie() -
     """SIGSTOP takes effect when the kernel next interrupts the process: a job thread recorded its start 2 ms
     after the harness recorded the pause, then stopped for the pause's 4 s while its run was reclaimed and run
     elsewhere. It executed nothing meanwhile, so it counts against no limit (it used to, whole)."""
-    at = datetime.fromtimestamp(100.0, UTC)
-    run = Run(
-        id=1, job="solo", args={}, status=RunStatus.SUCCEEDED, queue="default", priority=0, attempt=1,
-        max_attempts=3, not_before=None, not_after=None, dedup_id=None, tags=(), parent_run_id=None,
-        root_run_id=1, batch_id=None, schedule_id=None, created_at=at, started_at=at, finished_at=at,
-        progress=None, progress_message=None, result=None, error=None, worker_id="w",
-    )  # fmt: skip
-    runs = {1: run, 2: dataclasses.replace(run, id=2, root_run_id=2)}
-    lost = Attempt(1, "w", at, at, RunStatus.FAILED, ErrorInfo("WorkerLost", "gone"))
-    attempts = {1: [Attempt(1, "w", at, at, RunStatus.SUCCEEDED, None)], 2: [lost]}
+    runs = _two_solo_runs()
+    lost = Attempt(1, "w", AT, AT, RunStatus.FAILED, ErrorInfo("WorkerLost", "gone"))
+    attempts = {1: [Attempt(1, "w", AT, AT, RunStatus.SUCCEEDED, None)], 2: [lost]}
     executions = [
         Execution(1, 1, 1, "solo", None, "w", 11, 100.6, 101.0, "done", None),
         Execution(2, 2, 1, "solo", None, "w", 12, 100.502, 104.54, "cancelled", None),
