@@ -708,7 +708,7 @@ class PostgresStore(PostgresFlow, Store):
         batches = rounds(list(groups.items()), key=lambda item: item[0][0])
 
         async def body(conn: AConn) -> set[int]:
-            sent: list[tuple[list[tuple[int, int | None, list[EventDraft]]], psycopg.AsyncCursor[Any]]] = []
+            sent: list[tuple[list[int], psycopg.AsyncCursor[Any]]] = []  # each round's runs and its reply
             # One round (the usual case) is one autocommit statement; more go out together in one trip.
             async with contextlib.nullcontext() if len(batches) == 1 else _one_trip(conn):
                 for batch in batches:
@@ -720,11 +720,12 @@ class PostgresStore(PostgresFlow, Store):
                         "token": self._token,
                         "channels": _channels("change"),
                     }
-                    sent.append((group_list, await conn.execute(Q["append_events"], params)))
+                    cur = await conn.execute(Q["append_events"], params)
+                    sent.append(([run_id for run_id, _, _ in group_list], cur))
             refused: set[int] = set()
-            for group_list, cur in sent:
+            for run_ids, cur in sent:
                 accepted = {row[0] for row in await cur.fetchall()}
-                refused |= {run_id for run_id, _, _ in group_list if run_id not in accepted}
+                refused |= {run_id for run_id in run_ids if run_id not in accepted}
             return refused
 
         refused = await self._run(body)
