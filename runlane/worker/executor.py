@@ -14,7 +14,7 @@ import threading
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from runlane.errors import InvalidArguments, JobTimeout, NonRetryable
 from runlane.models import ErrorInfo
@@ -123,6 +123,82 @@ async def _settled(body: asyncio.Future[Any]) -> None:
             raise
 
 
+class Body(Protocol):
+    """What the worker holds of a running body to stop it: the body's future, or an ``_InlineBody``."""
+
+    def done(self) -> bool: ...
+
+    def cancel(self) -> bool: ...
+
+
+class _InlineBody:
+    """The body of an async job without a timeout, awaited on the attempt's own task rather than on a task
+    of its own (one task and one loop step fewer per attempt: ~10 µs of a no-op run's ~60 µs of worker
+    CPU). It stands in for that task's future in ``ActiveAttempt.body``: ``cancel()`` cancels the attempt's
+    task while the body runs, and the attempt takes the cancellation as the end of its body, as it would the
+    cancellation of a separate body task."""
+
+    __slots__ = ("_finished", "_task", "requested")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self._task = task
+        self._finished = False
+        self.requested = 0
+
+    def done(self) -> bool:
+        return self._finished
+
+    def cancel(self) -> bool:
+        if self._finished or self._task.done():
+            return False
+        self.requested += 1
+        return self._task.cancel()
+
+    def end(self) -> None:
+        """The body returned or raised: take back the cancellations that were meant for it alone, so the
+        attempt's task goes on (and a cancellation of the task itself, a hard stop, still shows)."""
+        self._finished = True
+        for _ in range(self.requested):
+            self._task.uncancel()
+
+
+async def _await_inline(
+    job: Job[Any, Any], kwargs: dict[str, Any], active: ActiveAttempt
+) -> tuple[bool, BaseException | None, Any]:
+    """Run an async body on the current task: (cancelled, exception, value), as a body task's future would
+    hold them. A cancellation of the attempt's task itself (not of its body) propagates."""
+    task = asyncio.current_task()
+    assert task is not None, "attempts run on their own task"
+    body = _InlineBody(task)
+    active.body = body
+    try:
+        if job.is_async_generator:
+            value = await _drain_async_stream(job.func(**kwargs), active.ctx)
+        else:
+            value = await job.func(**kwargs)
+    except asyncio.CancelledError as exc:
+        body.end()
+        if task.cancelling():  # the task was cancelled, not (only) the body: stop the attempt
+            raise
+        return True, exc, None
+    except Exception as exc:
+        body.end()
+        return False, exc, None
+    except BaseException:
+        body.end()
+        raise
+    body.end()
+    return False, None, value
+
+
+def _runs_inline(job: Job[Any, Any]) -> bool:
+    return (
+        (job.is_async or job.is_async_generator)
+        and job.options.timeout is None
+        and job.options.executor != "process"
+    )
+
+
 async def execute_attempt(
     job: Job[Any, Any],
     active: ActiveAttempt,
@@ -138,6 +214,9 @@ async def execute_attempt(
         return _failed(job, active, NonRetryable(str(exc)), error_info(exc))
     if job.spec.context_param is not None:
         kwargs[job.spec.context_param] = ctx
+    if _runs_inline(job):
+        cancelled, raised, value = await _await_inline(job, kwargs, active)
+        return _outcome(job, active, cancelled, raised, value)
     try:
         body = active.body = _start_body(job, kwargs, ctx, pool, processes, fresh)
     except Exception as exc:  # the call itself raised before a coroutine existed (sync wrappers)
@@ -153,19 +232,28 @@ async def execute_attempt(
         if active.lost or active.released:
             return None
         return _failed(job, active, timeout_error, error_info(timeout_error))
+    cancelled = body.cancelled()
+    raised = None if cancelled else body.exception()
+    return _outcome(job, active, cancelled, raised, None if cancelled or raised else body.result())
+
+
+def _outcome(
+    job: Job[Any, Any], active: ActiveAttempt, cancelled: bool, raised: BaseException | None, value: Any
+) -> Finish | None:
+    """The ``Finish`` of a body that ended, or None if the attempt no longer owns its run."""
+    run = active.run
     if active.lost or active.released:
         return None
-    if body.cancelled():  # the job cancelled itself: nobody asked, so it is a failure like any other
+    if cancelled:  # the job cancelled itself: nobody asked, so it is a failure like any other
         inner = asyncio.CancelledError(f"job {job.name!r} was cancelled from inside the attempt")
         return _failed(job, active, inner, ErrorInfo("CancelledError", str(inner)))
-    raised = body.exception()
     if isinstance(raised, _Stale):  # never started: the lease is the watchdog's and the reaper's to settle
         return None
     if raised is not None:
         raised, error = unwrap(raised)
         return _failed(job, active, raised, error or error_info(raised))
     try:
-        result = to_jsonable(body.result())
+        result = to_jsonable(value)
     except NotSerializable as not_json:
         bad = NonRetryable(f"the result of job {job.name!r} is not JSON-serialisable: {not_json}")
         return _failed(job, active, bad, ErrorInfo("NotSerializable", str(bad)))

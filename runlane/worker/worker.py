@@ -26,7 +26,7 @@ from runlane.models import Run, RunFilter, RunStatus
 from runlane.scheduler.schedules import Scheduler, sync_app
 from runlane.store import Finish, Lease, Store
 from runlane.worker.batcher import Batcher
-from runlane.worker.executor import execute_attempt, lower_thread_priority
+from runlane.worker.executor import Body, execute_attempt, lower_thread_priority
 from runlane.worker.heartbeat import Heartbeat
 from runlane.worker.job_processes import JobProcesses
 from runlane.worker.signals import handle_stop_signals
@@ -58,7 +58,7 @@ class ActiveAttempt:
     ctx: JobContext
     buffer: EventBuffer
     task: asyncio.Task[None] | None = None  # None while claimed ahead and waiting for a slot
-    body: asyncio.Future[Any] | None = None
+    body: Body | None = None
     leased_at: float = 0.0  # monotonic time the claim that granted the lease was sent
     lost: bool = False  # the store no longer gives this attempt the run: write nothing more
     released: bool = False  # handed back at shutdown

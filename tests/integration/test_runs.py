@@ -335,6 +335,55 @@ async def test_cancel_interrupts_a_running_async_job(app: Runlane, client: Async
     assert attempt.status is RunStatus.CANCELLED
 
 
+async def test_an_async_job_that_swallows_its_cancellation_is_not_recorded(
+    app: Runlane, client: AsyncClient
+) -> None:
+    # Async bodies without a timeout run on their attempt's own task: the worker's cancellation of the body
+    # must end the body only, and the attempt must still write nothing and let its slot go.
+    started = asyncio.Event()
+    swallowed = asyncio.Event()
+
+    @app.job
+    async def stubborn() -> str:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()
+        return "finished anyway"
+
+    @app.job
+    async def next_one() -> str:
+        await asyncio.sleep(0)
+        return "ran"
+
+    async with app.worker(concurrency=1):
+        run = await client.trigger(stubborn)
+        await asyncio.wait_for(started.wait(), 30)
+        assert await client.cancel(run.id)
+        await asyncio.wait_for(swallowed.wait(), 30)
+        assert await client.run(next_one, timeout=30) == "ran"  # the only slot was given back
+    done = await client.wait(run.id, timeout=30)
+    assert done.status is RunStatus.CANCELLED
+    assert done.result is None
+    (attempt,) = await client.attempts(run.id)
+    assert attempt.status is RunStatus.CANCELLED
+
+
+async def test_an_async_job_that_cancels_itself_fails(app: Runlane, client: AsyncClient) -> None:
+    @app.job(retry=Retry(attempts=1))
+    async def gives_up() -> None:
+        await asyncio.sleep(0)
+        raise asyncio.CancelledError("nobody asked")
+
+    run = await client.trigger(gives_up)
+    await drain(app)
+    done = await client.wait(run.id, timeout=30)
+    assert done.status is RunStatus.FAILED
+    assert done.error is not None
+    assert done.error.type == "CancelledError"
+
+
 async def test_a_sync_job_sees_ctx_cancelled(app: Runlane, client: AsyncClient) -> None:
     import threading
 
