@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from store_helpers import LEASE, FakeClock, claim, claim_one, finish, get, insert, lease, new, status_changes
 
@@ -41,6 +43,23 @@ async def test_claim_only_given_jobs_and_queues(store: Store) -> None:
     assert await claim(store, jobs=(), queues=("q1",)) == []
     claimed = await claim(store, jobs=("a",), queues=("q1", "q2"))
     assert [r.id for r in claimed] == [c.id, a.id]
+
+
+AWKWARD_NAMES = ('q "quoted"', "back\\slash", "comma,{brace}", "NULL", "", " spaced ", "ünïcödé")
+
+
+async def test_claim_heartbeat_and_finish_with_awkward_queue_and_job_names(store: Store) -> None:
+    # The PostgreSQL store passes queue, job and id lists as array literals: every name must survive quoting.
+    runs = [await insert(store, name, queue=name) for name in AWKWARD_NAMES]
+    await insert(store, "plain", queue="default")
+    claimed = await claim(store, jobs=AWKWARD_NAMES, queues=AWKWARD_NAMES, limit=20)
+    assert sorted(r.id for r in claimed) == [r.id for r in runs]
+    assert {(r.job, r.queue) for r in claimed} == {(n, n) for n in AWKWARD_NAMES}
+    leases = [lease(r) for r in claimed]
+    assert await store.held_leases("w1", leases) == {r.id for r in runs}
+    assert await asyncio.to_thread(store.heartbeat_blocking, "w1", leases, LEASE) == {r.id for r in runs}
+    done = await store.finish_attempts([Finish(r.id, r.attempt, "succeeded") for r in claimed], worker_id="w1")
+    assert done == [True] * len(claimed)
 
 
 async def test_claim_makes_the_run_running_with_an_attempt(clocked_store: Store, clock: FakeClock) -> None:

@@ -39,9 +39,9 @@ from runlane.store.flow import (
 )
 from runlane.store.limiter import Admission, job_key
 from runlane.store.notify import Topic
-from runlane.store.postgres.listener import CHANNELS
+from runlane.store.postgres.listener import channel_array
 from runlane.store.postgres.queries import _expand
-from runlane.store.postgres.rows import run_from_row
+from runlane.store.postgres.rows import run_from_row, text_array
 
 T = TypeVar("T")
 AConn = psycopg.AsyncConnection[Any]
@@ -125,8 +125,8 @@ class PostgresFlow(SchedulesAndLimits):
     notifier: Any
     _limits_seen: tuple[float, set[str], set[str]] | None = None  # (read at, limited queues, limited jobs)
 
-    def _channels(self, *topics: Topic) -> list[str]:
-        return [CHANNELS[t] for t in topics]
+    def _channels(self, *topics: Topic) -> str:
+        return channel_array(*topics)
 
     async def _one(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         async def body(conn: AConn) -> list[tuple[Any, ...]]:
@@ -351,10 +351,10 @@ class PostgresFlow(SchedulesAndLimits):
         assert self._limits_seen is not None
         _, limited_queues, limited_jobs = self._limits_seen
         due_params = {
-            "queues": list(queues),
-            "jobs": list(jobs),
-            "limited_queues": sorted(limited_queues),
-            "limited_jobs": sorted(limited_jobs),
+            "queues": text_array(queues),
+            "jobs": text_array(jobs),
+            "limited_queues": text_array(sorted(limited_queues)),
+            "limited_jobs": text_array(sorted(limited_jobs)),
             "now": now,
         }
         if not (await self._run(lambda conn: _fetch(conn, "limited_due", due_params)))[0][0]:

@@ -24,7 +24,7 @@ from runlane.models import Run, RunStatus, to_datetime
 from runlane.serialization import dumps
 from runlane.store.base import ConflictPolicy, NewRun
 from runlane.store.postgres.queries import Q
-from runlane.store.postgres.rows import iso_time, run_from_row
+from runlane.store.postgres.rows import iso_time, run_from_row, text_array
 
 CHUNK = 5000
 """Runs per INSERT statement: thousands per round trip, bounded parameter size."""
@@ -110,12 +110,6 @@ def rows_document(runs: Sequence[NewRun]) -> str:
             for r in runs
         ]
     )
-
-
-def text_array(items: Sequence[str]) -> str:
-    """A PostgreSQL array literal: ragged per-row arrays cannot travel as one 2-D array parameter."""
-    quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
-    return "{" + ",".join(quoted) + "}"
 
 
 def single_statement(runs: Sequence[NewRun]) -> bool:

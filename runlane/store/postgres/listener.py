@@ -17,6 +17,7 @@ carry this store's own token are skipped: the store already signalled those loca
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Iterable
@@ -29,6 +30,13 @@ log = logging.getLogger("runlane.store.postgres")
 
 CHANNELS: dict[Topic, str] = {"work": "runlane_work", "change": "runlane_change", "cancel": "runlane_cancel"}
 TOPIC_OF: dict[str, Topic] = {channel: topic for topic, channel in CHANNELS.items()}
+
+
+@functools.cache
+def channel_array(*topics: Topic) -> str:
+    """The ``text[]`` parameter of a statement's notifications (built once per set of topics)."""
+    return "{" + ",".join(CHANNELS[t] for t in topics) + "}"
+
 
 _MIN_BACKOFF = 0.05
 _MAX_BACKOFF = 2.0  # a lost listener is back within 2 s once the server is

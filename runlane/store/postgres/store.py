@@ -37,7 +37,7 @@ from runlane.store.notify import TOPICS, Notifier, Topic
 from runlane.store.postgres import insert as ins
 from runlane.store.postgres.config import PostgresOptions, hide_password, merge_conninfo
 from runlane.store.postgres.flow import PostgresFlow
-from runlane.store.postgres.listener import CHANNELS, Listener
+from runlane.store.postgres.listener import Listener, channel_array
 from runlane.store.postgres.queries import RUN_COLUMNS, RUN_FILTERS, Q
 from runlane.store.postgres.rows import (
     BATCH_WIDTH,
@@ -46,9 +46,11 @@ from runlane.store.postgres.rows import (
     batch_from_row,
     event_from_row,
     finish_params,
+    int_array,
     job_from_row,
     rounds,
     run_from_row,
+    text_array,
 )
 
 log = logging.getLogger("runlane.store.postgres")
@@ -66,10 +68,6 @@ HELD_FOR = 60.0
 CLOCK_REFRESH = 30.0
 """Seconds between readings of the database's clock; in between, this host's monotonic clock measures the
 time elapsed since the last reading (it never jumps, unlike the wall clock, but stops while a host sleeps)."""
-
-
-def _channels(*topics: Topic) -> list[str]:
-    return [CHANNELS[t] for t in topics]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -661,7 +659,7 @@ class PostgresStore(PostgresFlow, Store):
     async def get_runs(self, run_ids: Sequence[int]) -> list[Run]:
         if not run_ids:
             return []
-        rows = await self._fetch(Q["get_runs"], {"ids": list(run_ids)})
+        rows = await self._fetch(Q["get_runs"], {"ids": int_array(run_ids)})
         return [run_from_row(row) for row in rows]
 
     async def list_runs(
@@ -718,7 +716,7 @@ class PostgresStore(PostgresFlow, Store):
                         "worker": worker_id,
                         "now": self._now(),
                         "token": self._token,
-                        "channels": _channels("change"),
+                        "channels": channel_array("change"),
                     }
                     cur = await conn.execute(Q["append_events"], params)
                     sent.append(([run_id for run_id, _, _ in group_list], cur))
@@ -743,7 +741,7 @@ class PostgresStore(PostgresFlow, Store):
             "parent_run_id": parent_run_id,
             "now": self._now(),
             "token": self._token,
-            "channels": _channels("work"),
+            "channels": channel_array("work"),
         }
         rows = await self._fetch(Q["insert_batch"], params)
         if not rows:
@@ -781,11 +779,11 @@ class PostgresStore(PostgresFlow, Store):
         if not run_ids:
             return []
         params = {
-            "ids": list(run_ids),
+            "ids": int_array(run_ids),
             "reason": reason,
             "now": self._now(),
             "token": self._token,
-            "channels": _channels("change", "cancel"),
+            "channels": channel_array("change", "cancel"),
         }
 
         async def body(conn: AConn) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -816,10 +814,10 @@ class PostgresStore(PostgresFlow, Store):
 
     def _resolve_params(self, run_ids: Sequence[int]) -> dict[str, Any]:
         return {
-            "ids": list(run_ids),
+            "ids": int_array(run_ids),
             "now": self._now(),
             "token": self._token,
-            "channels": _channels("work", "change"),
+            "channels": channel_array("work", "change"),
         }
 
     async def retry_run(self, run_id: int) -> bool:
@@ -827,7 +825,7 @@ class PostgresStore(PostgresFlow, Store):
             "id": run_id,
             "now": self._now(),
             "token": self._token,
-            "channels": _channels("work", "change"),
+            "channels": channel_array("work", "change"),
         }
         for _ in range(ins.MAX_ROUNDS):
             try:
@@ -878,20 +876,20 @@ class PostgresStore(PostgresFlow, Store):
                 "now": now,
                 "limit": PROMOTE_LIMIT,
                 "token": self._token,
-                "channels": _channels("work", "change"),
+                "channels": channel_array("work", "change"),
             },
         )
         claim = await conn.execute(
             Q["claim"],
             {
                 "now": now,
-                "queues": list(queues),
-                "jobs": list(jobs),
+                "queues": text_array(queues),
+                "jobs": text_array(jobs),
                 "limit": limit,
                 "worker": worker_id,
                 "lease_timeout": float(lease_timeout),
                 "token": self._token,
-                "channels": _channels("change"),
+                "channels": channel_array("change"),
             },
         )
         return promote, claim
@@ -950,8 +948,8 @@ class PostgresStore(PostgresFlow, Store):
 
     def heartbeat_blocking(self, worker_id: str, leases: Sequence[Lease], lease_timeout: float) -> set[int]:
         params = {
-            "run": [lease.run_id for lease in leases],
-            "attempt": [lease.attempt for lease in leases],
+            "run": int_array(lease.run_id for lease in leases),
+            "attempt": int_array(lease.attempt for lease in leases),
             "worker": worker_id,
             "lease_timeout": float(lease_timeout),
             "now": self._now(),
@@ -980,8 +978,8 @@ class PostgresStore(PostgresFlow, Store):
         rows = await self._fetch(
             Q["held_leases"],
             {
-                "run": [x.run_id for x in leases],
-                "attempt": [x.attempt for x in leases],
+                "run": int_array(x.run_id for x in leases),
+                "attempt": int_array(x.attempt for x in leases),
                 "worker": worker_id,
                 "now": self._now(),
             },
@@ -1035,7 +1033,7 @@ class PostgresStore(PostgresFlow, Store):
                 "worker": worker_id,
                 "now": now,
                 "token": self._token,
-                "channels": _channels(*topics),
+                "channels": channel_array(*topics),
             }
             cursors.append((batch, await conn.execute(Q["finish_attempts"], params)))
         resolved = None
@@ -1066,12 +1064,12 @@ class PostgresStore(PostgresFlow, Store):
         rows = await self._fetch(
             Q["release_runs"],
             {
-                "run": [x.run_id for x in leases],
-                "attempt": [x.attempt for x in leases],
+                "run": int_array(x.run_id for x in leases),
+                "attempt": int_array(x.attempt for x in leases),
                 "worker": worker_id,
                 "now": self._now(),
                 "token": self._token,
-                "channels": _channels("work", "change"),
+                "channels": channel_array("work", "change"),
             },
         )
         if rows:
@@ -1097,7 +1095,7 @@ class PostgresStore(PostgresFlow, Store):
     async def reap_expired_leases(self) -> list[int]:
         rows = await self._ending(
             Q["reap_expired_leases"],
-            {"now": self._now(), "token": self._token, "channels": _channels("work", "change", "cancel")},
+            {"now": self._now(), "token": self._token, "channels": channel_array("work", "change", "cancel")},
         )
         if rows:
             self.notifier.notify("work", "change", "cancel")
@@ -1105,7 +1103,7 @@ class PostgresStore(PostgresFlow, Store):
 
     async def expire_runs(self) -> list[int]:
         rows = await self._ending(
-            Q["expire_runs"], {"now": self._now(), "token": self._token, "channels": _channels("change")}
+            Q["expire_runs"], {"now": self._now(), "token": self._token, "channels": channel_array("change")}
         )
         if rows:
             self.notifier.notify("change")
@@ -1114,7 +1112,7 @@ class PostgresStore(PostgresFlow, Store):
     async def next_due_at(self, *, queues: Sequence[str], jobs: Sequence[str]) -> float | None:
         if not queues or not jobs:
             return None
-        rows = await self._fetch(Q["next_due_at"], {"queues": list(queues), "jobs": list(jobs)})
+        rows = await self._fetch(Q["next_due_at"], {"queues": text_array(queues), "jobs": text_array(jobs)})
         due: datetime | None = rows[0][0] if rows else None
         return None if due is None else due.timestamp()
 
