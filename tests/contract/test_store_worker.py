@@ -58,7 +58,9 @@ async def test_claim_heartbeat_and_finish_with_awkward_queue_and_job_names(store
     leases = [lease(r) for r in claimed]
     assert await store.held_leases("w1", leases) == {r.id for r in runs}
     assert await asyncio.to_thread(store.heartbeat_blocking, "w1", leases, LEASE) == {r.id for r in runs}
-    done = await store.finish_attempts([Finish(r.id, r.attempt, "succeeded") for r in claimed], worker_id="w1")
+    done = await store.finish_attempts(
+        [Finish(r.id, r.attempt, "succeeded") for r in claimed], worker_id="w1"
+    )
     assert done == [True] * len(claimed)
 
 
