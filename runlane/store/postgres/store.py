@@ -905,9 +905,12 @@ class PostgresStore(PostgresFlow, Store):
         lease_timeout: float,
     ) -> tuple[list[bool], list[Run]]:
         """The finishes, their continuations, the promotion of due runs and the claim: one transaction and
-        one round trip (pipeline mode sends BEGIN, every statement and COMMIT together)."""
+        one round trip (pipeline mode sends BEGIN, every statement and COMMIT together). Without finishes,
+        one statement (``_promote_and_claim``)."""
         if limit <= 0 or not queues or not jobs:
             return await self.finish_attempts(finishes, worker_id=worker_id), []
+        if not finishes:
+            return [], await self._promote_and_claim(worker_id, queues, jobs, limit, lease_timeout)
         now = self._now()
         batches = rounds(finishes, key=lambda f: f.run_id)
         topics = self._finish_topics(finishes)
@@ -945,6 +948,56 @@ class PostgresStore(PostgresFlow, Store):
                 # The finishes committed: report them; the limited runs are claimed on the next round.
                 log.warning("limit-aware claim failed after recording %d finishes", len(finishes))
         return done, runs
+
+    async def _promote_and_claim(
+        self, worker_id: str, queues: Sequence[str], jobs: Sequence[str], limit: int, lease_timeout: float
+    ) -> list[Run]:
+        """A claim without finishes: the promotion and the claim in one autocommit statement. An idle
+        worker's claim is on the path from a trigger to its start, and a pipelined transaction of the same
+        two statements (BEGIN, the generic-plan setting, COMMIT, a pipeline sync) costs ~0.3 ms more.
+
+        The statement's claim does not see the runs its promotion made pending (one snapshot): when it
+        promoted some, the same statement goes again for them, so a claim still promotes, then claims."""
+        runs: list[Run] = []
+        promoted_any = False
+        for _ in range(2):
+            promoted, claimed = await self._promote_and_claim_once(
+                worker_id, queues, jobs, limit - len(runs), lease_timeout
+            )
+            runs += claimed
+            promoted_any = promoted_any or promoted > 0
+            if not promoted or len(runs) >= limit:
+                break
+        if promoted_any:
+            self.notifier.notify("change", "work")
+        elif runs:
+            self.notifier.notify("change")
+        if len(runs) < limit:  # paused-free limited queues and limited jobs: the limit-aware claim
+            runs += await self.claim_limited(worker_id, queues, jobs, limit - len(runs), lease_timeout)
+        return runs
+
+    async def _promote_and_claim_once(
+        self, worker_id: str, queues: Sequence[str], jobs: Sequence[str], limit: int, lease_timeout: float
+    ) -> tuple[int, list[Run]]:
+        params = {
+            "now": self._now(),
+            "promote_limit": PROMOTE_LIMIT,
+            "promote_channels": channel_array("work", "change"),
+            "queues": text_array(queues),
+            "jobs": text_array(jobs),
+            "limit": limit,
+            "worker": worker_id,
+            "lease_timeout": float(lease_timeout),
+            "token": self._token,
+            "channels": channel_array("change"),
+        }
+
+        async def body(conn: AConn) -> list[tuple[Any, ...]]:
+            cur = await conn.execute(Q["promote_and_claim"], params)
+            return await cur.fetchall()
+
+        rows = await self._run(body, retry_disconnect=False)
+        return (rows[0][0] if rows else 0), [run_from_row(row, 1) for row in rows if row[1] is not None]
 
     def heartbeat_blocking(self, worker_id: str, leases: Sequence[Lease], lease_timeout: float) -> set[int]:
         params = {
