@@ -58,12 +58,21 @@ def _expand(sql: str) -> str:
 def _load() -> dict[str, LiteralString]:
     text = resources.files(__package__).joinpath("queries.sql").read_text("utf-8")
     parts = _NAME.split(text)
-    queries: dict[str, LiteralString] = {}
+    bodies: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        if name in queries:
+        if name in bodies:
             raise RuntimeError(f"query {name!r} is defined twice in queries.sql")
+        bodies[name] = body.strip().rstrip(";")
+    # Fragments (names starting with "_") are CTE lists that several statements share, spliced in as {_name}.
+    fragments = {f"{{{name}}}": body for name, body in bodies.items() if name.startswith("_")}
+    queries: dict[str, LiteralString] = {}
+    for name, body in bodies.items():
+        if name.startswith("_"):
+            continue
+        for placeholder, fragment in fragments.items():
+            body = body.replace(placeholder, fragment)
         # The file is part of the package, not user input: it is as literal as a string constant.
-        queries[name] = _expand(body).strip().rstrip(";")
+        queries[name] = _expand(body)
     return queries
 
 

@@ -143,36 +143,42 @@ WITH g AS (
 )
 SELECT upd.id FROM upd CROSS JOIN note;
 
--- name: promote_due
-WITH due AS MATERIALIZED (
+-- name: _promote_ctes
+-- A fragment (a name starting with "_" is spliced into the queries that name it in braces): due
+-- scheduled and retrying runs made pending, their events and the notification.
+due AS MATERIALIZED (
     SELECT id, status FROM runlane_runs
     WHERE status IN ('scheduled', 'retrying') AND due_at <= {now}
     ORDER BY due_at
-    LIMIT %(limit)s
+    LIMIT %(promote_limit)s
     FOR UPDATE SKIP LOCKED
-), upd AS (
+), promoted AS (
     UPDATE runlane_runs r SET status = 'pending', last_event_id = r.last_event_id + 1
     FROM due WHERE r.id = due.id
     RETURNING r.id, r.attempt, r.last_event_id, due.status AS old
-), ev AS (
+), promoted_ev AS (
     INSERT INTO runlane_events (run_id, id, kind, at, data)
     SELECT id, last_event_id, 'status', {now},
            jsonb_build_object('from', old, 'to', 'pending', 'attempt', attempt, 'reason', NULL)
-    FROM upd
-), note AS (
-    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
-    WHERE EXISTS (SELECT 1 FROM upd)
+    FROM promoted
+), promoted_note AS (
+    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(promote_channels)s::text[]) AS ch
+    WHERE EXISTS (SELECT 1 FROM promoted)
 )
-SELECT count(*) FROM upd CROSS JOIN note;
 
--- name: claim
+-- name: promote_due
+WITH {_promote_ctes}
+SELECT count(*) FROM promoted CROSS JOIN promoted_note;
+
+-- name: _claim_ctes
+-- A fragment: the claim's candidates, the claimed runs, their attempts, events and notification.
 -- Candidates are materialised: written as "id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)" the planner may
 -- run the locking subquery more than once and lock (and claim) more than n rows. Each queue's candidates come
 -- from an ordered scan of the partial index runlane_runs_claim (queue = one value keeps the index order, which
 -- "queue = ANY(…)" would lose, sorting every pending run of the queues instead); the outer ORDER BY merges
 -- the queues. With k queues up to k·n rows are locked for the instant of this transaction, n are claimed.
 -- Queues that are paused or limited and jobs that are limited are left to the limit-aware claim (flow.py).
-WITH open_queues AS MATERIALIZED (
+open_queues AS MATERIALIZED (
     SELECT u.queue FROM unnest(%(queues)s::text[]) AS u(queue)
     WHERE NOT EXISTS (SELECT 1 FROM runlane_queues g WHERE g.name = u.queue
                       AND (g.paused OR g.max_concurrency IS NOT NULL OR g.rate_count IS NOT NULL))
@@ -211,73 +217,19 @@ WITH open_queues AS MATERIALIZED (
     SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
     WHERE EXISTS (SELECT 1 FROM claimed)
 )
+
+-- name: claim
+WITH {_claim_ctes}
 SELECT {run_columns} FROM claimed r CROSS JOIN note
 ORDER BY r.priority DESC, r.due_at, r.id;
 
 -- name: promote_and_claim
 -- A claim with no finishes to carry (an idle worker woken, or polling): the promotion of due runs and the
 -- claim as one autocommit statement, without a pipeline, BEGIN and COMMIT (a woken claim 1.8 -> 1.46 ms).
--- Both CTE chains of promote_due and claim, under other names; they see one snapshot, so runs promoted here
--- are claimed by the next claim (the caller's, or that of a worker woken by the promotion's notification).
--- The two lock disjoint rows (scheduled/retrying, pending). The first column is how many were promoted; the
--- claimed runs follow, or NULLs when none was claimed.
-WITH due AS MATERIALIZED (
-    SELECT id, status FROM runlane_runs
-    WHERE status IN ('scheduled', 'retrying') AND due_at <= {now}
-    ORDER BY due_at
-    LIMIT %(promote_limit)s
-    FOR UPDATE SKIP LOCKED
-), promoted AS (
-    UPDATE runlane_runs r SET status = 'pending', last_event_id = r.last_event_id + 1
-    FROM due WHERE r.id = due.id
-    RETURNING r.id, r.attempt, r.last_event_id, due.status AS old
-), promoted_ev AS (
-    INSERT INTO runlane_events (run_id, id, kind, at, data)
-    SELECT id, last_event_id, 'status', {now},
-           jsonb_build_object('from', old, 'to', 'pending', 'attempt', attempt, 'reason', NULL)
-    FROM promoted
-), promoted_note AS (
-    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(promote_channels)s::text[]) AS ch
-    WHERE EXISTS (SELECT 1 FROM promoted)
-), open_queues AS MATERIALIZED (
-    SELECT u.queue FROM unnest(%(queues)s::text[]) AS u(queue)
-    WHERE NOT EXISTS (SELECT 1 FROM runlane_queues g WHERE g.name = u.queue
-                      AND (g.paused OR g.max_concurrency IS NOT NULL OR g.rate_count IS NOT NULL))
-), open_jobs AS MATERIALIZED (
-    SELECT coalesce(array_agg(u.job), '{}'::text[]) AS jobs FROM unnest(%(jobs)s::text[]) AS u(job)
-    WHERE NOT EXISTS (SELECT 1 FROM runlane_job_limits l WHERE l.job = u.job)
-), candidates AS MATERIALIZED (
-    SELECT c.id FROM open_queues AS q
-    CROSS JOIN LATERAL (
-        SELECT id, priority, due_at FROM runlane_runs
-        WHERE status = 'pending' AND queue = q.queue AND job = ANY((SELECT jobs FROM open_jobs)::text[])
-          AND due_at <= {now} AND (not_after IS NULL OR not_after > {now})
-        ORDER BY priority DESC, due_at, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    ) AS c
-    ORDER BY c.priority DESC, c.due_at, c.id
-    LIMIT %(limit)s
-), claimed AS (
-    UPDATE runlane_runs r
-    SET status = 'running', attempt = r.attempt + 1, worker_id = %(worker)s, lease_owner = %(worker)s,
-        lease_expires_at = {now} + make_interval(secs => %(lease_timeout)s), started_at = {now},
-        last_event_id = r.last_event_id + 1,
-        progress = NULL, progress_message = NULL
-    FROM candidates c WHERE r.id = c.id
-    RETURNING r.*
-), att AS (
-    INSERT INTO runlane_attempts (run_id, number, worker_id, started_at, status)
-    SELECT id, attempt, %(worker)s, {now}, 'running' FROM claimed
-), ev AS (
-    INSERT INTO runlane_events (run_id, id, kind, at, data)
-    SELECT id, last_event_id, 'status', {now},
-           jsonb_build_object('from', 'pending', 'to', 'running', 'attempt', attempt, 'reason', NULL)
-    FROM claimed
-), note AS (
-    SELECT count(pg_notify(ch, %(token)s)) AS n FROM unnest(%(channels)s::text[]) AS ch
-    WHERE EXISTS (SELECT 1 FROM claimed)
-), counted AS (
+-- They see one snapshot, so runs promoted here are claimed by the next claim (store.py goes again when
+-- some were). The two lock disjoint rows (scheduled/retrying, pending). The first column is how many were
+-- promoted; the claimed runs follow, or NULLs when none was claimed.
+WITH {_promote_ctes}, {_claim_ctes}, counted AS (
     SELECT (SELECT count(*) FROM promoted) AS promoted FROM promoted_note CROSS JOIN note
 )
 SELECT counted.promoted, {run_columns} FROM counted LEFT JOIN claimed r ON true

@@ -870,29 +870,33 @@ class PostgresStore(PostgresFlow, Store):
         now: datetime | None,
     ) -> tuple[psycopg.AsyncCursor[Any], psycopg.AsyncCursor[Any]]:
         """Queue the promotion of due runs and the claim on ``conn`` (inside a pipelined transaction)."""
-        promote = await conn.execute(
-            Q["promote_due"],
-            {
-                "now": now,
-                "limit": PROMOTE_LIMIT,
-                "token": self._token,
-                "channels": channel_array("work", "change"),
-            },
-        )
-        claim = await conn.execute(
-            Q["claim"],
-            {
-                "now": now,
-                "queues": text_array(queues),
-                "jobs": text_array(jobs),
-                "limit": limit,
-                "worker": worker_id,
-                "lease_timeout": float(lease_timeout),
-                "token": self._token,
-                "channels": channel_array("change"),
-            },
-        )
+        params = self._claim_params(worker_id, queues, jobs, limit, lease_timeout, now)
+        promote = await conn.execute(Q["promote_due"], params)
+        claim = await conn.execute(Q["claim"], params)
         return promote, claim
+
+    def _claim_params(
+        self,
+        worker_id: str,
+        queues: Sequence[str],
+        jobs: Sequence[str],
+        limit: int,
+        lease_timeout: float,
+        now: datetime | None,
+    ) -> dict[str, Any]:
+        """The parameters of ``promote_due``, ``claim`` and ``promote_and_claim`` (one set serves all three)."""
+        return {
+            "now": now,
+            "promote_limit": PROMOTE_LIMIT,
+            "promote_channels": channel_array("work", "change"),
+            "queues": text_array(queues),
+            "jobs": text_array(jobs),
+            "limit": limit,
+            "worker": worker_id,
+            "lease_timeout": float(lease_timeout),
+            "token": self._token,
+            "channels": channel_array("change"),
+        }
 
     async def finish_and_claim(
         self,
@@ -979,18 +983,7 @@ class PostgresStore(PostgresFlow, Store):
     async def _promote_and_claim_once(
         self, worker_id: str, queues: Sequence[str], jobs: Sequence[str], limit: int, lease_timeout: float
     ) -> tuple[int, list[Run]]:
-        params = {
-            "now": self._now(),
-            "promote_limit": PROMOTE_LIMIT,
-            "promote_channels": channel_array("work", "change"),
-            "queues": text_array(queues),
-            "jobs": text_array(jobs),
-            "limit": limit,
-            "worker": worker_id,
-            "lease_timeout": float(lease_timeout),
-            "token": self._token,
-            "channels": channel_array("change"),
-        }
+        params = self._claim_params(worker_id, queues, jobs, limit, lease_timeout, self._now())
 
         async def body(conn: AConn) -> list[tuple[Any, ...]]:
             cur = await conn.execute(Q["promote_and_claim"], params)
