@@ -38,7 +38,6 @@ from runlane.store.flow import (
     schedule_params,
 )
 from runlane.store.limiter import Admission, job_key
-from runlane.store.notify import Topic
 from runlane.store.postgres.listener import channel_array
 from runlane.store.postgres.queries import _expand
 from runlane.store.postgres.rows import run_from_row, text_array
@@ -124,9 +123,6 @@ class PostgresFlow(SchedulesAndLimits):
     _token: str
     notifier: Any
     _limits_seen: tuple[float, set[str], set[str]] | None = None  # (read at, limited queues, limited jobs)
-
-    def _channels(self, *topics: Topic) -> str:
-        return channel_array(*topics)
 
     async def _one(self, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         async def body(conn: AConn) -> list[tuple[Any, ...]]:
@@ -247,7 +243,7 @@ class PostgresFlow(SchedulesAndLimits):
                 if created:
                     await conn.execute(
                         "SELECT count(pg_notify(ch, %(token)s)) FROM unnest(%(channels)s::text[]) AS ch",
-                        {"token": self._token, "channels": self._channels("work", "change")},
+                        {"token": self._token, "channels": channel_array("work", "change")},
                     )
             return created
 
@@ -259,7 +255,7 @@ class PostgresFlow(SchedulesAndLimits):
     async def release_queued_fires(self) -> int:
         rows = await self._one(
             "release_queued_fires",
-            {"now": self._now(), "token": self._token, "channels": self._channels("work", "change")},
+            {"now": self._now(), "token": self._token, "channels": channel_array("work", "change")},
         )
         released = int(rows[0][0]) if rows else 0
         if released:
@@ -311,7 +307,7 @@ class PostgresFlow(SchedulesAndLimits):
                 "paused": paused,
                 "now": self._now(),
                 "token": self._token,
-                "channels": self._channels("work", "change"),
+                "channels": channel_array("work", "change"),
             },
         )
         self._limits_seen = None
@@ -445,7 +441,7 @@ class PostgresFlow(SchedulesAndLimits):
                                     "lease_timeout": float(lease_timeout),
                                     "now": now,
                                     "token": self._token,
-                                    "channels": self._channels("change"),
+                                    "channels": channel_array("change"),
                                 },
                             )
                         )
