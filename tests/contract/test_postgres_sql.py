@@ -7,7 +7,8 @@ import asyncio
 import json
 import re
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -23,6 +24,7 @@ from runlane.store.postgres import PostgresStore
 from runlane.store.postgres.flow import lock_key
 from runlane.store.postgres.queries import Q
 from runlane.store.postgres.rows import finish_params
+from runlane.store.postgres.store import FLIGHT_SETTINGS
 
 pytestmark = pytest.mark.postgres
 
@@ -51,9 +53,12 @@ async def test_claim_plan_scans_the_partial_index_in_order_and_materialises_cand
         assert_claim_plan(conn, queues, ["a"])
 
 
-def generic_plan(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """The plan nodes of query ``name`` as a prepared statement's generic plan, the one a worker's cached
-    statement ends up with (EXPLAIN with bound values would show a custom plan instead)."""
+@contextmanager
+def prepared(
+    conn: psycopg.Connection[Any], name: str
+) -> Iterator[Callable[[dict[str, Any]], list[dict[str, Any]]]]:
+    """Query ``name`` as a prepared statement under generic plans, and a function that EXPLAINs an execution
+    of it: the first one builds the generic plan and later ones show it as cached."""
     names: list[str] = []
 
     def placeholder(match: re.Match[str]) -> str:
@@ -63,12 +68,25 @@ def generic_plan(conn: psycopg.Connection[Any], name: str, params: dict[str, Any
 
     conn.execute("PREPARE hot AS " + re.sub(r"%\((\w+)\)s", placeholder, Q[name]))  # type: ignore[arg-type]
     conn.execute("SET plan_cache_mode = force_generic_plan")
-    values = sql.SQL(", ").join(sql.Literal(params[n]) for n in names)
-    row = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE hot ({})").format(values)).fetchone()
-    conn.execute("DEALLOCATE hot")
-    assert row is not None
-    plan = row[0] if not isinstance(row[0], str) else json.loads(row[0])
-    return plan_nodes(plan[0]["Plan"])
+
+    def explain(params: dict[str, Any]) -> list[dict[str, Any]]:
+        values = sql.SQL(", ").join(sql.Literal(params[n]) for n in names)
+        row = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE hot ({})").format(values)).fetchone()
+        assert row is not None
+        plan = row[0] if not isinstance(row[0], str) else json.loads(row[0])
+        return plan_nodes(plan[0]["Plan"])
+
+    try:
+        yield explain
+    finally:
+        conn.execute("DEALLOCATE hot")
+
+
+def generic_plan(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan nodes of query ``name`` as a prepared statement's generic plan, the one a worker's cached
+    statement ends up with (EXPLAIN with bound values would show a custom plan instead)."""
+    with prepared(conn, name) as explain:
+        return explain(params)
 
 
 @pytest.mark.parametrize("analyzed", [False, True])
@@ -113,6 +131,68 @@ async def test_finish_statements_look_runs_up_by_key_however_long_the_history(
                 name,
                 indexes,
             )
+
+
+@pytest.mark.parametrize("name", ["claim", "promote_and_claim", "promote_due"])
+async def test_claim_statements_update_runs_by_key_when_statistics_saw_a_backlog(
+    pg: PostgresStore, pg_url: str, name: str
+) -> None:
+    """Regression (issue 6): analysed while most of the table was a backlog (a burst enqueued before
+    autovacuum came by, or a manual VACUUM ANALYZE as here), the claim's generic plan guessed hundreds of
+    candidates for its LIMIT and joined them to a sequential scan of every run to update them: 7.0 against
+    0.7 ms per claim of 32 runs among 20,000. The claimed and promoted runs are now looked up by primary key
+    (the promotion's too: it failed the same way)."""
+    await pg.insert_runs([NewRun("a", {}) for _ in range(20000)])
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        if name != "claim":  # runs due for promotion
+            conn.execute("UPDATE runlane_runs SET status = 'scheduled' WHERE id % 2 = 0")
+        conn.execute("VACUUM ANALYZE")
+        params = pg._claim_params("w", ["default"], ["a"], 32, 30.0, None)
+        nodes = generic_plan(conn, name, params)
+    seq_scans = [n for n in nodes if n["Node Type"] == "Seq Scan" and n["Relation Name"] == "runlane_runs"]
+    assert not seq_scans, [n["Node Type"] for n in nodes]
+    updates = [n for n in nodes if n["Node Type"] == "ModifyTable" and n["Relation Name"] == "runlane_runs"]
+    assert updates
+    for update in updates:
+        below = plan_nodes(update)[1:]
+        scans = [
+            (n["Node Type"], n.get("Index Name")) for n in below if n.get("Relation Name") == "runlane_runs"
+        ]
+        assert scans == [("Index Scan", "runlane_runs_pkey")], scans
+
+
+@pytest.mark.parametrize("settings", [True, False])
+async def test_flight_finishes_find_attempts_by_key_when_statistics_saw_none(
+    pg: PostgresStore, pg_url: str, settings: bool
+) -> None:
+    """Regression (issue 6): a VACUUM ANALYZE on a fresh database records no attempts; until autovacuum
+    analyses them again (a minute or more), the finish's cached generic plan scanned every attempt for each
+    finished run. Flights turn sequential scans off (FLIGHT_SETTINGS); without them the plan is that scan,
+    which shows the setup still provokes it."""
+    await pg.insert_runs([NewRun("a", {}) for _ in range(3000)])
+    finishes = [Finish(run_id, 1, "succeeded") for run_id in range(1, 33)]
+    params = {**finish_params(finishes), "now": None, "worker": "w", "token": "t", "channels": []}
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+        with conn.transaction():
+            if settings:
+                conn.execute(FLIGHT_SETTINGS)
+            with prepared(conn, "finish_attempts") as explain:
+                explain(params)  # the generic plan, made while there are no attempts and cached
+                conn.execute(
+                    "INSERT INTO runlane_attempts (run_id, number, worker_id, started_at, status)"
+                    " SELECT id, 1, 'w', now(), 'running' FROM runlane_runs"
+                )
+                nodes = explain(params)
+    scans = [
+        (n["Node Type"], n.get("Index Name"))
+        for n in nodes
+        if n.get("Relation Name") == "runlane_attempts" and n["Node Type"] != "ModifyTable"
+    ]
+    if settings:
+        assert scans == [("Index Scan", "runlane_attempts_pkey")], scans
+    else:
+        assert ("Seq Scan", None) in scans, scans
 
 
 async def test_concurrent_claimers_claim_each_run_exactly_once(pg_url: str) -> None:

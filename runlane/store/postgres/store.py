@@ -80,6 +80,23 @@ async def _fetch_all(conn: AConn, step: ins.Step) -> list[tuple[Any, ...]]:
     return await cur.fetchall()
 
 
+FLIGHT_SETTINGS = (
+    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),"
+    " set_config('enable_seqscan', 'off', true)"
+)
+"""The settings of a flight's transaction.
+
+Generic plans: left to choose, PostgreSQL estimates a custom plan cheaper for a flight of one or two runs and
+plans the finish and the continuations' decision again on every execution: ~0.7 ms of server CPU per flight,
+more than the flight's whole work. These statements find their rows by primary key, ``ANY(ids)`` or a partial
+index whatever the parameters, so the generic plan is the plan a custom one would pick (EXPLAINed on 320,000
+runs) -- as long as the statistics are not stale. No sequential scans: a generic plan is cached until the
+next ANALYZE, and one made from statistics that saw a table empty (a VACUUM ANALYZE right after ``migrate``)
+scanned every attempt in each flight until autovacuum came back, a minute or more later. Nothing a flight
+reads is found by scanning a table.
+"""
+
+
 @contextlib.asynccontextmanager
 async def _one_trip(conn: AConn) -> AsyncIterator[None]:
     """A transaction whose BEGIN, statements and COMMIT go out in one pipeline: one round trip.
@@ -91,16 +108,12 @@ async def _one_trip(conn: AConn) -> AsyncIterator[None]:
     the queued statements sent without their COMMIT. Either way the transaction is rolled back here, as
     ``transaction()`` would, before the error propagates.
 
-    The flight's prepared statements use their generic plans. Left to choose, PostgreSQL estimates a
-    custom plan cheaper for a flight of one or two runs and plans the finish and the continuations' decision
-    again on every execution: ~0.7 ms of server CPU per flight, more than the flight's whole work. These
-    statements find their rows by primary key, ``ANY(ids)`` or a partial index whatever the parameters, so
-    the generic plan is the plan a custom one would pick (EXPLAINed on 320,000 runs).
+    The flight's settings are ``FLIGHT_SETTINGS``.
     """
     try:
         async with conn.pipeline():
             await conn.execute("BEGIN")
-            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            await conn.execute(FLIGHT_SETTINGS)
             yield
             await conn.execute("COMMIT")
     except Exception:  # (a cancelled wait is left to the pool, which checks the connection it gets back)
