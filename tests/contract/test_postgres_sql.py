@@ -166,9 +166,9 @@ async def test_flight_finishes_find_attempts_by_key_when_statistics_saw_none(
     pg: PostgresStore, pg_url: str, settings: bool
 ) -> None:
     """Regression (issue 6): a VACUUM ANALYZE on a fresh database records no attempts; until autovacuum
-    analyses them again (a minute or more), the finish's cached generic plan scanned every attempt for each
-    finished run. Flights turn sequential scans off (FLIGHT_SETTINGS); without them the plan is that scan,
-    which shows the setup still provokes it."""
+    analyses them again (a minute or more), the finish's cached generic plan scanned every attempt in each
+    flight. Flights turn sequential scans off (FLIGHT_SETTINGS); without them the plan is that scan, which
+    shows the setup still provokes it (on the PostgreSQL this suite runs on)."""
     await pg.insert_runs([NewRun("a", {}) for _ in range(3000)])
     finishes = [Finish(run_id, 1, "succeeded") for run_id in range(1, 33)]
     params = {**finish_params(finishes), "now": None, "worker": "w", "token": "t", "channels": []}
