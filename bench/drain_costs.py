@@ -21,8 +21,8 @@ import resource
 import time
 
 from bench.runlane_bench import fresh_store
-from runlane import Retry, Runlane
-from runlane.store import Finish
+from runlane import Retry, Run, Runlane
+from runlane.store import Finish, Store
 
 
 def backend_cpu(database: str) -> float:
@@ -68,20 +68,33 @@ async def drain(app: Runlane, runs: int, concurrency: int, database: str | None)
     print(f"; server CPU {1e6 * server / runs:.0f} us/run" if server is not None else "")
 
 
-async def replay(app: Runlane, runs: int, batch: int, database: str | None) -> None:
-    await app.async_client.trigger_many("noop", [{} for _ in range(runs)])
-    store = await app.open_store()
-    options = {"worker_id": "replay", "queues": ["default"], "jobs": ["noop"], "lease_timeout": 60.0}
+async def first_claim(store: Store, batch: int) -> list[Run]:
+    """Register the replay's worker and claim its first ``batch`` runs of job ``noop``."""
     await store.register_worker("replay", {})
-    claimed = await store.claim(limit=batch, **options)  # type: ignore[arg-type]
-    server0 = backend_cpu(database) if database else 0.0
-    flights: list[float] = []
-    t0 = time.perf_counter()
+    return await store.claim("replay", queues=["default"], jobs=["noop"], limit=batch, lease_timeout=60.0)
+
+
+async def replay_flights(store: Store, claimed: list[Run], batch: int) -> list[tuple[int, float]]:
+    """Finish the claimed runs and claim as many in one flight, until none is left: each flight's finished
+    runs and seconds."""
+    flights: list[tuple[int, float]] = []
     while claimed:
         finishes = [Finish(r.id, r.attempt, "succeeded") for r in claimed]
         start = time.perf_counter()
-        _, claimed = await store.finish_and_claim(finishes, limit=batch, **options)  # type: ignore[arg-type]
-        flights.append(time.perf_counter() - start)
+        _, claimed = await store.finish_and_claim(
+            finishes, worker_id="replay", queues=["default"], jobs=["noop"], limit=batch, lease_timeout=60.0
+        )
+        flights.append((len(finishes), time.perf_counter() - start))
+    return flights
+
+
+async def replay(app: Runlane, runs: int, batch: int, database: str | None) -> None:
+    await app.async_client.trigger_many("noop", [{} for _ in range(runs)])
+    store = await app.open_store()
+    claimed = await first_claim(store, batch)
+    server0 = backend_cpu(database) if database else 0.0
+    t0 = time.perf_counter()
+    flights = [seconds for _, seconds in await replay_flights(store, claimed, batch)]
     elapsed = time.perf_counter() - t0
     server = backend_cpu(database) - server0 if database else None
     fifth = max(len(flights) // 5, 1)

@@ -27,13 +27,11 @@ import argparse
 import asyncio
 import statistics
 import time
-from typing import Any
 
 import psycopg
 
-from bench.drain_costs import backend_cpu, make_app
+from bench.drain_costs import backend_cpu, first_claim, make_app, replay_flights
 from bench.runlane_bench import fresh_store
-from runlane.store import Finish
 
 NARROW_DDL = """
 CREATE TABLE n_runs AS SELECT id, job, args, queue, priority, max_attempts, not_before, not_after, dedup_id,
@@ -55,116 +53,97 @@ TRUNCATE runlane_runs
 # No ANALYZE: the wide variant's tables have none either, and an attempts table analyzed while empty gets a
 # generic plan that scans it sequentially at every finish.
 
-# Both finishes find their rows by primary key, as the store's does (queries.sql, finish_attempts): with a
-# plain "status = 'running'" the planner scans the lease index, whose dead entries grow along the drain.
-CLAIM_WIDE = """
-WITH c AS MATERIALIZED (
-    SELECT id FROM runlane_runs
+
+def candidates(table: str) -> str:
+    """The claim's candidates (``{limit}`` is written in by ``replay_plain``)."""
+    return f"""c AS MATERIALIZED (
+    SELECT id FROM {table}
     WHERE status = 'pending' AND queue = %(queue)s AND job = ANY(%(jobs)s::text[]) AND due_at <= now()
       AND (not_after IS NULL OR not_after > now())
-    ORDER BY priority DESC, due_at, id LIMIT {limit} FOR UPDATE SKIP LOCKED
-), claimed AS (
+    ORDER BY priority DESC, due_at, id LIMIT {{limit}} FOR UPDATE SKIP LOCKED
+)"""
+
+
+def event_and_note(changed: str, old: str, new: str) -> str:
+    """The status event of each row in CTE ``changed`` and the notification, as both variants write them."""
+    return f"""ev AS (
+    INSERT INTO runlane_events (run_id, id, kind, at, data)
+    SELECT id, last_event_id, 'status', now(),
+           jsonb_build_object('from', '{old}', 'to', '{new}', 'attempt', attempt, 'reason', NULL)
+    FROM {changed}
+), note AS (
+    SELECT pg_notify('runlane_change', 'x') WHERE EXISTS (SELECT 1 FROM {changed})
+)"""
+
+
+FINISHES = "f AS (SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS f(id, attempt))"
+
+# The rows to change are found by primary key, as in the store (queries.sql): joined to the candidates, a
+# generic plan may hash a scan of the whole table; found by "status = 'running'", a finish scans the lease
+# index, whose dead entries grow along the drain.
+CLAIM_WIDE = f"""
+WITH {candidates("runlane_runs")}, claimed AS (
     UPDATE runlane_runs r
     SET status = 'running', attempt = r.attempt + 1, worker_id = %(worker)s, lease_owner = %(worker)s,
         lease_expires_at = now() + interval '60 s', started_at = now(), last_event_id = r.last_event_id + 1,
         progress = NULL, progress_message = NULL
-    FROM c WHERE r.id = c.id
+    WHERE r.id = ANY(ARRAY(SELECT id FROM c))
     RETURNING r.*
 ), att AS (
     INSERT INTO runlane_attempts (run_id, number, worker_id, started_at, status)
     SELECT id, attempt, %(worker)s, now(), 'running' FROM claimed
-), ev AS (
-    INSERT INTO runlane_events (run_id, id, kind, at, data)
-    SELECT id, last_event_id, 'status', now(),
-           jsonb_build_object('from', 'pending', 'to', 'running', 'attempt', attempt, 'reason', NULL)
-    FROM claimed
-), note AS (
-    SELECT pg_notify('runlane_change', 'x') WHERE EXISTS (SELECT 1 FROM claimed)
-)
+), {event_and_note("claimed", "pending", "running")}
 SELECT r.* FROM claimed r LEFT JOIN note ON true ORDER BY r.priority DESC, r.due_at, r.id
 """
 
-FINISH_WIDE = """
-WITH f AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS f(id, attempt)
-), upd AS (
+FINISH_WIDE = f"""
+WITH {FINISHES}, upd AS (
     UPDATE runlane_runs r
     SET status = 'succeeded', result = 'null'::jsonb, error = NULL, finished_at = now(), lease_owner = NULL,
         lease_expires_at = NULL, last_event_id = r.last_event_id + 1
     FROM f
     WHERE r.id = ANY(%(ids)s::bigint[]) AND r.id = f.id AND coalesce(r.status, '') = 'running'
-      AND r.attempt = f.attempt AND r.lease_owner = %(worker)s
-      AND r.lease_expires_at > now()
+      AND r.attempt = f.attempt AND r.lease_owner = %(worker)s AND r.lease_expires_at > now()
     RETURNING r.id, r.attempt, r.last_event_id
 ), att AS (
     UPDATE runlane_attempts a SET status = 'succeeded', finished_at = now()
     FROM upd WHERE a.run_id = upd.id AND a.number = upd.attempt
-), ev AS (
-    INSERT INTO runlane_events (run_id, id, kind, at, data)
-    SELECT id, last_event_id, 'status', now(),
-           jsonb_build_object('from', 'running', 'to', 'succeeded', 'attempt', attempt, 'reason', NULL)
-    FROM upd
-), note AS (
-    SELECT pg_notify('runlane_change', 'x') WHERE EXISTS (SELECT 1 FROM upd)
-)
+), {event_and_note("upd", "running", "succeeded")}
 SELECT count(*) FROM upd LEFT JOIN note ON true
 """
 
-CLAIM_NARROW = """
-WITH c AS MATERIALIZED (
-    SELECT id FROM n_state
-    WHERE status = 'pending' AND queue = %(queue)s AND job = ANY(%(jobs)s::text[]) AND due_at <= now()
-      AND (not_after IS NULL OR not_after > now())
-    ORDER BY priority DESC, due_at, id LIMIT {limit} FOR UPDATE SKIP LOCKED
-), claimed AS (
+CLAIM_NARROW = f"""
+WITH {candidates("n_state")}, claimed AS (
     UPDATE n_state s
     SET status = 'running', attempt = s.attempt + 1, lease_owner = %(worker)s,
         lease_expires_at = now() + interval '60 s', last_event_id = s.last_event_id + 1
-    FROM c WHERE s.id = c.id
+    WHERE s.id = ANY(ARRAY(SELECT id FROM c))
     RETURNING s.*
 ), att AS (
     INSERT INTO n_attempts (run_id, number, worker_id, started_at, status)
     SELECT id, attempt, %(worker)s, now(), 'running' FROM claimed
-), ev AS (
-    INSERT INTO runlane_events (run_id, id, kind, at, data)
-    SELECT id, last_event_id, 'status', now(),
-           jsonb_build_object('from', 'pending', 'to', 'running', 'attempt', attempt, 'reason', NULL)
-    FROM claimed
-), note AS (
-    SELECT pg_notify('runlane_change', 'x') WHERE EXISTS (SELECT 1 FROM claimed)
-)
+), {event_and_note("claimed", "pending", "running")}
 SELECT r.*, s.status, s.attempt, s.lease_owner, s.lease_expires_at, s.last_event_id, now() AS started_at
 FROM claimed s JOIN n_runs r ON r.id = s.id LEFT JOIN note ON true
 ORDER BY s.priority DESC, s.due_at, s.id
 """
 
-FINISH_NARROW = """
-WITH f AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(attempts)s::int[]) AS f(id, attempt)
-), upd AS (
+FINISH_NARROW = f"""
+WITH {FINISHES}, upd AS (
     UPDATE n_state s
     SET status = 'succeeded', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
         last_event_id = s.last_event_id + 1
     FROM f
     WHERE s.id = ANY(%(ids)s::bigint[]) AND s.id = f.id AND coalesce(s.status, '') = 'running'
-      AND s.attempt = f.attempt AND s.lease_owner = %(worker)s
-      AND s.lease_expires_at > now()
+      AND s.attempt = f.attempt AND s.lease_owner = %(worker)s AND s.lease_expires_at > now()
     RETURNING s.id, s.attempt, s.last_event_id
 ), att AS (
     UPDATE n_attempts a SET status = 'succeeded', finished_at = now(), result = 'null'::jsonb
     FROM upd WHERE a.run_id = upd.id AND a.number = upd.attempt
-), ev AS (
-    INSERT INTO runlane_events (run_id, id, kind, at, data)
-    SELECT id, last_event_id, 'status', now(),
-           jsonb_build_object('from', 'running', 'to', 'succeeded', 'attempt', attempt, 'reason', NULL)
-    FROM upd
-), note AS (
-    SELECT pg_notify('runlane_change', 'x') WHERE EXISTS (SELECT 1 FROM upd)
-)
+), {event_and_note("upd", "running", "succeeded")}
 SELECT count(*) FROM upd LEFT JOIN note ON true
 """
 
-FLIGHTS: list[float] = []
 PLAIN: dict[str, tuple[str, str, str]] = {
     "wide": (CLAIM_WIDE, FINISH_WIDE, ""),
     "wide_nojob": (CLAIM_WIDE, FINISH_WIDE, "DROP INDEX runlane_runs_job"),
@@ -199,24 +178,15 @@ class Clock:
 
 async def replay_store(url: str, batch: int, clock: Clock) -> int:
     app = make_app(url, None)
-    store = await app.open_store()
-    options: dict[str, Any] = {
-        "worker_id": "replay",
-        "queues": ["default"],
-        "jobs": ["noop"],
-        "lease_timeout": 60.0,
-    }
-    await store.register_worker("replay", {})
-    done = 0
-    clock.start()
-    claimed = await store.claim(limit=batch, **options)
-    while claimed:
-        finishes = [Finish(r.id, r.attempt, "succeeded") for r in claimed]
-        _, claimed = await store.finish_and_claim(finishes, limit=batch, **options)
-        done += len(finishes)
-    clock.stop()
-    await app.aclose()
-    return done
+    try:
+        store = await app.open_store()
+        claimed = await first_claim(store, batch)
+        clock.start()
+        flights = await replay_flights(store, claimed, batch)
+        clock.stop()
+    finally:
+        await app.aclose()
+    return sum(size for size, _ in flights)
 
 
 def replay_plain(url: str, variant: str, batch: int, clock: Clock) -> int:
@@ -232,7 +202,6 @@ def replay_plain(url: str, variant: str, batch: int, clock: Clock) -> int:
         while rows:
             ids = [row[0] for row in rows]
             attempts = [1] * len(rows)  # every run is on its first attempt
-            t = time.perf_counter()
             with conn.pipeline():
                 conn.execute("BEGIN")
                 ended = conn.execute(finish, {**params, "ids": ids, "attempts": attempts}, prepare=True)
@@ -241,7 +210,6 @@ def replay_plain(url: str, variant: str, batch: int, clock: Clock) -> int:
             assert ended.fetchone() == (len(ids),), "a finish was fenced off"
             done += len(ids)
             rows = claimed.fetchall()
-            FLIGHTS.append(time.perf_counter() - t)
         clock.stop()
     return done
 
