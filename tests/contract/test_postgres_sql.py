@@ -24,7 +24,7 @@ from runlane.store.postgres import PostgresStore
 from runlane.store.postgres.flow import lock_key
 from runlane.store.postgres.queries import Q
 from runlane.store.postgres.rows import finish_params
-from runlane.store.postgres.store import FLIGHT_SETTINGS
+from runlane.store.postgres.trip import FLIGHT_SETTINGS
 
 pytestmark = pytest.mark.postgres
 
@@ -193,6 +193,33 @@ async def test_flight_finishes_find_attempts_by_key_when_statistics_saw_none(
         assert scans == [("Index Scan", "runlane_attempts_pkey")], scans
     else:
         assert ("Seq Scan", None) in scans, scans
+
+
+@pytest.mark.parametrize("settings", [True, False])
+async def test_flights_never_compile_a_table_scan_with_jit(
+    pg: PostgresStore, pg_url: str, settings: bool
+) -> None:
+    """Regression (issue 6): under FLIGHT_SETTINGS a table read whole (the limit-aware claim reads the limits
+    tables) is still scanned, at the 10^10 cost that disabling scans adds; that passed ``jit_above_cost``
+    and every execution spent 10-70 ms compiling. Flights turn JIT off; without that the same plan is JIT
+    compiled (which shows the setup still provokes it on a server built with JIT)."""
+    await pg.register_limits([JobLimits("a", max_concurrency=1)], [])
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        jit_available = conn.execute("SELECT pg_jit_available()").fetchone() == (True,)
+        with conn.transaction():
+            conn.execute(FLIGHT_SETTINGS)
+            if not settings:
+                conn.execute("SET LOCAL jit = on")
+            row = conn.execute(
+                "EXPLAIN (FORMAT JSON) SELECT job, max_concurrency FROM runlane_job_limits"
+            ).fetchone()
+    assert row is not None
+    plan = row[0][0]
+    assert plan["Plan"]["Node Type"] == "Seq Scan"
+    if settings:
+        assert "JIT" not in plan, plan
+    else:
+        assert ("JIT" in plan) == jit_available, plan
 
 
 async def test_concurrent_claimers_claim_each_run_exactly_once(pg_url: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 from runlane.errors import InvalidConnection, RunConflict, StoreUnavailable
 from runlane.models import RunFilter
 from runlane.store import Finish, Lease, NewRun, create_store
-from runlane.store.postgres import PostgresStore
+from runlane.store.postgres import PostgresStore, trip
 from runlane.store.postgres import store as store_module
 from runlane.store.postgres.config import PostgresOptions, hide_password
 
@@ -385,7 +385,7 @@ async def test_a_one_trip_transaction_commits_all_or_nothing_and_leaves_the_conn
     )
 
     async def flight(conn: psycopg.AsyncConnection[Any], ids: list[str], fail: str = "") -> str:
-        async with store_module._one_trip(conn):
+        async with trip.one_trip(conn):
             cursors = [await conn.execute(insert, (worker,)) for worker in ids]
             if fail == "statement":
                 await conn.execute("SELECT 1 / (SELECT count(*) - count(*) FROM runlane_workers)")

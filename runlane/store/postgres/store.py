@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, LiteralString, TypeVar
@@ -52,6 +52,7 @@ from runlane.store.postgres.rows import (
     run_from_row,
     text_array,
 )
+from runlane.store.postgres.trip import one_trip
 
 log = logging.getLogger("runlane.store.postgres")
 
@@ -78,49 +79,6 @@ def _first_line(exc: BaseException) -> str:
 async def _fetch_all(conn: AConn, step: ins.Step) -> list[tuple[Any, ...]]:
     cur = await conn.execute(*step)
     return await cur.fetchall()
-
-
-FLIGHT_SETTINGS = (
-    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),"
-    " set_config('enable_seqscan', 'off', true)"
-)
-"""The settings of a flight's transaction.
-
-Generic plans: left to choose, PostgreSQL estimates a custom plan cheaper for a flight of one or two runs and
-plans the finish and the continuations' decision again on every execution: ~0.7 ms of server CPU per flight,
-more than the flight's whole work. These statements find their rows by primary key, ``ANY(ids)`` or a partial
-index whatever the parameters, so the generic plan is the plan a custom one would pick (EXPLAINed on 320,000
-runs) -- as long as the statistics are not stale. No sequential scans: a generic plan is cached until the
-next ANALYZE, and one made from statistics that saw a table empty (a VACUUM ANALYZE right after ``migrate``)
-scanned every attempt in each flight until autovacuum came back, a minute or more later. Nothing a flight
-reads is found by scanning a table.
-"""
-
-
-@contextlib.asynccontextmanager
-async def _one_trip(conn: AConn) -> AsyncIterator[None]:
-    """A transaction whose BEGIN, statements and COMMIT go out in one pipeline: one round trip.
-
-    psycopg's ``transaction()`` inside a pipeline nests two more pipelines, each synced on exit: three
-    round trips for one transaction (a one-run claim: 0.87-1.07 ms against 0.6 ms). Statements are queued
-    inside the block and their results read after it. When one fails, the server skips the rest up to the
-    sync, COMMIT included, leaving a failed transaction block; an error raised in the block itself leaves
-    the queued statements sent without their COMMIT. Either way the transaction is rolled back here, as
-    ``transaction()`` would, before the error propagates.
-
-    The flight's settings are ``FLIGHT_SETTINGS``.
-    """
-    try:
-        async with conn.pipeline():
-            await conn.execute("BEGIN")
-            await conn.execute(FLIGHT_SETTINGS)
-            yield
-            await conn.execute("COMMIT")
-    except Exception:  # (a cancelled wait is left to the pool, which checks the connection it gets back)
-        if not conn.broken and conn.info.transaction_status != pq.TransactionStatus.IDLE:
-            with contextlib.suppress(psycopg.Error):
-                await conn.rollback()
-        raise
 
 
 def _still_holdable(conn: AConn | psycopg.Connection[Any], held_until: float) -> bool:
@@ -721,7 +679,7 @@ class PostgresStore(PostgresFlow, Store):
         async def body(conn: AConn) -> set[int]:
             sent: list[tuple[list[int], psycopg.AsyncCursor[Any]]] = []  # each round's runs and its reply
             # One round (the usual case) is one autocommit statement; more go out together in one trip.
-            async with contextlib.nullcontext() if len(batches) == 1 else _one_trip(conn):
+            async with contextlib.nullcontext() if len(batches) == 1 else one_trip(conn):
                 for batch in batches:
                     group_list = [(run_id, attempt, drafts) for _, ((run_id, attempt), drafts) in batch]
                     params = {
@@ -934,7 +892,7 @@ class PostgresStore(PostgresFlow, Store):
         ending = sorted({f.run_id for f in finishes if f.outcome != "retrying"})
 
         async def body(conn: AConn) -> tuple[list[bool], bool, int, list[tuple[Any, ...]]]:
-            async with _one_trip(conn):
+            async with one_trip(conn):
                 finished, resolved = await self._send_finish(conn, batches, ending, worker_id, topics, now)
                 promote, claim = await self._send_claim(
                     conn, worker_id, queues, jobs, limit, lease_timeout, now
@@ -1057,7 +1015,7 @@ class PostgresStore(PostgresFlow, Store):
 
         async def body(conn: AConn) -> tuple[list[bool], bool]:
             single = len(batches) == 1 and not ending
-            async with contextlib.nullcontext() if single else _one_trip(conn):
+            async with contextlib.nullcontext() if single else one_trip(conn):
                 finished, resolved = await self._send_finish(conn, batches, ending, worker_id, topics, now)
             return await self._collect_finish(finishes, finished, resolved)
 
