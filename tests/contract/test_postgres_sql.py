@@ -360,3 +360,23 @@ async def test_idle_limit_aware_claims_take_no_limit_locks(pg: PostgresStore, pg
         assert not blocked.done()
         holder.execute("SELECT pg_advisory_unlock_all()")
     assert [r.id for r in await asyncio.wait_for(blocked, timeout=30)] == [limited.id]
+
+
+async def test_a_claim_for_limited_jobs_only_leaves_the_plain_claim_reading_nothing(
+    pg: PostgresStore, pg_url: str
+) -> None:
+    """Regression (issue 6): the plain claim leaves limited jobs to the limit-aware claim; with none of the
+    worker's jobs left it still scanned the queue's pending runs (all of the limited job's backlog) to find
+    none: 12 ms a claim with 50,000 pending."""
+    await pg.register_limits([JobLimits("capped", max_concurrency=1)], [])
+    await pg.insert_runs([NewRun("capped", {}) for _ in range(300)])
+    params = pg._claim_params("w", ["default"], ["capped"], 5, 30.0, None)
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(FLIGHT_SETTINGS)
+        row = conn.execute(
+            sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) {}").format(sql.SQL(Q["claim"])), params
+        ).fetchone()
+        conn.rollback()
+    assert row is not None
+    scans = [n for n in plan_nodes(row[0][0]["Plan"]) if n.get("Index Name") == "runlane_runs_claim"]
+    assert scans and all(n["Actual Loops"] == 0 for n in scans), scans

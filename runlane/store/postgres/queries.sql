@@ -178,14 +178,16 @@ SELECT count(*) FROM promoted CROSS JOIN promoted_note;
 -- from an ordered scan of the partial index runlane_runs_claim (queue = one value keeps the index order, which
 -- "queue = ANY(…)" would lose, sorting every pending run of the queues instead); the outer ORDER BY merges
 -- the queues. With k queues up to k·n rows are locked for the instant of this transaction, n are claimed.
--- Queues that are paused or limited and jobs that are limited are left to the limit-aware claim (flow.py).
-open_queues AS MATERIALIZED (
+-- Queues that are paused or limited and jobs that are limited are left to the limit-aware claim (flow.py);
+-- with no job left, no queue is read (the scan would walk every pending run of the queue to find none).
+open_jobs AS MATERIALIZED (
+    SELECT coalesce(array_agg(u.job), '{}'::text[]) AS jobs FROM unnest(%(jobs)s::text[]) AS u(job)
+    WHERE NOT EXISTS (SELECT 1 FROM runlane_job_limits l WHERE l.job = u.job)
+), open_queues AS MATERIALIZED (
     SELECT u.queue FROM unnest(%(queues)s::text[]) AS u(queue)
     WHERE NOT EXISTS (SELECT 1 FROM runlane_queues g WHERE g.name = u.queue
                       AND (g.paused OR g.max_concurrency IS NOT NULL OR g.rate_count IS NOT NULL))
-), open_jobs AS MATERIALIZED (
-    SELECT coalesce(array_agg(u.job), '{}'::text[]) AS jobs FROM unnest(%(jobs)s::text[]) AS u(job)
-    WHERE NOT EXISTS (SELECT 1 FROM runlane_job_limits l WHERE l.job = u.job)
+      AND (SELECT cardinality(jobs) FROM open_jobs) > 0
 ), candidates AS MATERIALIZED (
     SELECT c.id FROM open_queues AS q
     CROSS JOIN LATERAL (
