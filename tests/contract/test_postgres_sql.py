@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -17,11 +19,11 @@ from claim_plan import assert_claim_plan, plan_nodes
 from psycopg import sql
 
 from runlane.errors import RunConflict
-from runlane.limits import JobLimits
+from runlane.limits import JobLimits, QueueLimits
 from runlane.models import ACTIVE_STATUSES
 from runlane.store import Finish, NewRun
 from runlane.store.postgres import PostgresStore
-from runlane.store.postgres.flow import lock_key
+from runlane.store.postgres.flow import F, lock_key
 from runlane.store.postgres.queries import Q
 from runlane.store.postgres.rows import finish_params
 from runlane.store.postgres.trip import FLIGHT_SETTINGS
@@ -360,6 +362,102 @@ async def test_idle_limit_aware_claims_take_no_limit_locks(pg: PostgresStore, pg
         assert not blocked.done()
         holder.execute("SELECT pg_advisory_unlock_all()")
     assert [r.id for r in await asyncio.wait_for(blocked, timeout=30)] == [limited.id]
+
+
+async def test_a_limit_registered_elsewhere_is_claimed_under_its_own_lock(
+    pg: PostgresStore, pg_url: str
+) -> None:
+    """The limit-aware claim plans its locks from a cached view of what is limited (up to a second old) and
+    reads the limits again inside its transaction. A job limit another process registered since is not among
+    the locks taken, so its runs are not admitted by that transaction; the claim goes again at once with the
+    view it just read, under that limit's lock, and the limit holds."""
+    await pg.register_limits([], [QueueLimits("default", max_concurrency=100)])
+    assert await pg.claim("w", queues=["default"], jobs=["j"], limit=5, lease_timeout=30) == []  # view cached
+    other = PostgresStore(pg_url)
+    await other.open()
+    try:
+        await other.register_limits([JobLimits("j", max_concurrency=2)], [])
+    finally:
+        await other.close()
+    await pg.insert_runs([NewRun("j", {}) for _ in range(5)])
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (lock_key("job", "j"),))  # a claimer of j's limit
+        claim = asyncio.ensure_future(
+            pg.claim("w", queues=["default"], jobs=["j"], limit=5, lease_timeout=30)
+        )
+        await asyncio.sleep(0.2)  # not a timing assertion: admitting j's runs needs j's lock
+        assert not claim.done()
+        holder.execute("SELECT pg_advisory_unlock_all()")
+    assert len(await asyncio.wait_for(claim, timeout=30)) == 2
+    assert await pg.claim("w", queues=["default"], jobs=["j"], limit=5, lease_timeout=30) == []
+
+
+async def test_a_limited_claimer_stopped_inside_its_transaction_frees_the_limit_locks(
+    pg: PostgresStore, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (chaos T19): the limit-aware claim is pipelined, and a process stopped between its trips
+    (SIGSTOP, a blocked loop) must not hold the limit locks past the idle-in-transaction timeout, or every
+    other claimer of the limit waits as long as it is stopped (claims took 5 s and their runs went unstarted).
+    The server arms that timeout only at a sync; reading a result with a flush alone never did."""
+    from runlane.errors import StoreUnavailable
+    from runlane.store.postgres import flow
+
+    await pg.register_limits([JobLimits("a", max_concurrency=1)], [])
+    assert await pg.claim("w", queues=["default"], jobs=["a"], limit=1, lease_timeout=4) == []  # view cached
+    await pg.insert_runs([NewRun("a", {})])
+    monkeypatch.setattr(flow, "LIMITS_TTL", 3600.0)  # the next view is read inside the claim's transaction
+    stalled = threading.Event()
+    real_view = flow._limited_view
+
+    def stop_here(*args: Any) -> Any:
+        stalled.set()
+        time.sleep(4)  # the whole process is stopped: the loop too (the lease is 4 s: idle timeout 1 s)
+        return real_view(*args)
+
+    monkeypatch.setattr(flow, "_limited_view", stop_here)
+    got: list[float] = []
+
+    def other_claimer() -> None:
+        assert stalled.wait(30)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute("SET statement_timeout = '3s'")
+            started = time.monotonic()
+            conn.execute("SELECT pg_advisory_lock(%s)", (lock_key("job", "a"),))
+            got.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=other_claimer)
+    thread.start()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await pg.claim("w", queues=["default"], jobs=["a"], limit=1, lease_timeout=4)
+    finally:
+        thread.join(30)
+    assert got, "the other claimer never got the limit lock while this one was stopped"
+
+
+@pytest.mark.parametrize("keyed_pending", [False, True])
+async def test_a_saturated_limit_is_not_searched_for_runs(
+    pg: PostgresStore, pg_url: str, keyed_pending: bool
+) -> None:
+    """Regression (issue 6): with its unkeyed partition at the limit, the limit-aware claim searched the
+    queue's pending runs in claim order for any other partition, walking every one of them under the limit
+    lock (17 ms a claim with 50,000 pending, on every claim of a saturated limit). A job with no keyed run
+    pending is now left out and the queue is not read; with one pending the search must still run."""
+    await pg.register_limits([JobLimits("capped", max_concurrency=1)], [])
+    await pg.insert_runs([NewRun("capped", {}) for _ in range(300)])
+    assert len(await pg.claim("w", queues=["default"], jobs=["capped"], limit=5, lease_timeout=30)) == 1
+    if keyed_pending:
+        await pg.insert_runs([NewRun("capped", {}, concurrency_key="k")])
+    params = {"queue": "default", "jobs": "{capped}", "full": "{}", "limit": 5, "now": None}
+    with psycopg.connect(pg_url, autocommit=True) as conn, conn.transaction():
+        conn.execute(FLIGHT_SETTINGS)
+        row = conn.execute(
+            sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) {}").format(sql.SQL(F["limited_candidates"])), params
+        ).fetchone()
+    assert row is not None
+    scans = [n for n in plan_nodes(row[0][0]["Plan"]) if n.get("Index Name") == "runlane_runs_claim"]
+    assert len(scans) == 1
+    assert scans[0]["Actual Loops"] == (1 if keyed_pending else 0), scans
 
 
 async def test_a_claim_for_limited_jobs_only_leaves_the_plain_claim_reading_nothing(

@@ -234,6 +234,19 @@ async def test_saturated_key_does_not_block_others_behind_it(clocked_store: Stor
     assert sorted(r.id for r in got) == [1, late.id]
 
 
+async def test_keyed_runs_are_claimed_while_the_unkeyed_partition_is_full(clocked_store: Store) -> None:
+    """A job at its limit in its unkeyed partition still has room in its keyed ones, wherever they are in
+    claim order (PostgreSQL leaves such a job out of its search only when no keyed run is pending)."""
+    store = clocked_store
+    await store.register_limits([JobLimits("j", max_concurrency=1)], [])
+    unkeyed = [await insert(store, priority=5) for _ in range(20)]
+    assert [r.id for r in await claim(store, limit=5)] == [unkeyed[0].id]
+    assert await claim(store, limit=5) == []
+    keyed = await insert(store, concurrency_key="a")
+    assert [r.id for r in await claim(store, limit=5)] == [keyed.id]
+    assert await claim(store, limit=5) == []
+
+
 async def test_queue_concurrency_and_release_and_reaping_free_slots(
     clocked_store: Store, clock: FakeClock
 ) -> None:

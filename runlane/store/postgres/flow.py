@@ -11,6 +11,9 @@ claim committed before the lock was granted, counts running runs and rate-window
 with ``FOR UPDATE SKIP LOCKED`` skipping saturated partitions, and claims those every limit has room for.
 Concurrent claimers of the same limit therefore run one after another and can never exceed it; slots only
 ever free up outside the lock (finish, cancel, release, reaping), which can only make the counts safer.
+The transaction is pipelined (two round trips in the usual case: everything up to the first candidates,
+then the claim and COMMIT), because the lock is held for all of it: a claim's round trips are every other
+claimer's wait.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from runlane.store.limiter import Admission, job_key
 from runlane.store.postgres.listener import channel_array
 from runlane.store.postgres.queries import _expand
 from runlane.store.postgres.rows import run_from_row, text_array
+from runlane.store.postgres.trip import one_trip, sync_and_fetch
 
 T = TypeVar("T")
 AConn = psycopg.AsyncConnection[Any]
@@ -107,6 +111,14 @@ def schedule_from_row(row: Any) -> Schedule:
 
 def _schedule_params(d: ScheduleDef, now: datetime | None, replace: bool) -> dict[str, Any]:
     return schedule_params(d, _ts(d.next_fire_at), now, replace=replace)
+
+
+def _limited_view(
+    queue_rows: Sequence[tuple[Any, ...]], job_rows: Sequence[tuple[Any, ...]]
+) -> tuple[float, set[str], set[str]]:
+    """What the ``queues`` and ``job_limits`` rows say is limited, stamped for ``LIMITS_TTL``."""
+    limited_queues = {r[0] for r in queue_rows if r[2] is not None or r[3] is not None}
+    return time.monotonic(), limited_queues, {r[0] for r in job_rows}
 
 
 async def _fetch(conn: AConn, name: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -329,13 +341,18 @@ class PostgresFlow(SchedulesAndLimits):
             async def body(conn: AConn) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
                 return await _fetch(conn, "queues", {}), await _fetch(conn, "job_limits", {})
 
-            queue_rows, job_rows = await self._run(body)
-            limited_queues = {r[0] for r in queue_rows if r[2] is not None or r[3] is not None}
-            seen = self._limits_seen = (time.monotonic(), limited_queues, {r[0] for r in job_rows})
+            seen = self._limits_seen = _limited_view(*await self._run(body))
         return any(q in seen[1] for q in queues) or any(j in seen[2] for j in jobs)
 
     async def claim_limited(
-        self, worker_id: str, queues: Sequence[str], jobs: Sequence[str], limit: int, lease_timeout: float
+        self,
+        worker_id: str,
+        queues: Sequence[str],
+        jobs: Sequence[str],
+        limit: int,
+        lease_timeout: float,
+        *,
+        again_if_stale: bool = True,
     ) -> list[Run]:
         """Claim runs of paused-free, limited queues and limited jobs, up to ``limit`` (see the module)."""
         if limit <= 0 or not await self._limits_relevant(queues, jobs):
@@ -356,10 +373,48 @@ class PostgresFlow(SchedulesAndLimits):
         if not (await self._run(lambda conn: _fetch(conn, "limited_due", due_params)))[0][0]:
             return []
 
+        # What to claim and which locks to take come from the cached view; the transaction reads the limits
+        # again and admits only runs whose every limit it holds the lock of (see ``covered``).
+        plan = {
+            q: list(jobs) if q in limited_queues else [j for j in jobs if j in limited_jobs]
+            for q in dict.fromkeys(queues)
+        }
+        plan = {q: js for q, js in plan.items() if js}
+        lock_jobs = sorted({j for js in plan.values() for j in js if j in limited_jobs})
+        lock_queues = sorted(q for q in plan if q in limited_queues)
+        keys = sorted({lock_key("job", j) for j in lock_jobs} | {lock_key("queue", q) for q in lock_queues})
+        idle_ms = int(1000 * min(2.0, max(lease_timeout / 4, 0.2)))
+        claim_params = {
+            "worker": worker_id,
+            "lease_timeout": float(lease_timeout),
+            "now": now,
+            "token": self._token,
+            "channels": channel_array("change"),
+        }
+
+        async def candidates(conn: AConn, queue: str, full: list[str], need: int) -> psycopg.AsyncCursor[Any]:
+            params = {"queue": queue, "jobs": plan[queue], "full": full, "limit": need, "now": now}
+            return await conn.execute(F["limited_candidates"], params)
+
+        stale: list[str] = []  # limits this transaction found but had not locked (the cached view was old)
+
         async def body(conn: AConn) -> list[tuple[Any, ...]]:
-            async with conn.transaction():
-                queue_rows = await _fetch(conn, "queues", {})
-                job_rows = await _fetch(conn, "job_limits", {})
+            claims: list[psycopg.AsyncCursor[Any]] = []
+            # One pipelined transaction: the limit locks, the limits, the running counts and the first
+            # candidates go out together; the claim, the rate starts and COMMIT in a second trip.
+            async with one_trip(conn) as trip:
+                await conn.execute(F["bound_idle"], {"idle_timeout": f"{idle_ms}ms"})
+                await conn.execute(F["lock_limits"], {"keys": keys})
+                queue_cur = await conn.execute(F["queues"])
+                job_cur = await conn.execute(F["job_limits"])
+                count_cur = await conn.execute(
+                    F["running_counts"], {"jobs": lock_jobs, "queues": lock_queues}
+                )
+                arms = [await candidates(conn, q, [], limit) for q in plan]
+                queue_rows, job_rows, count_rows, *arm_rows = await sync_and_fetch(
+                    trip, queue_cur, job_cur, count_cur, *arms
+                )
+                self._limits_seen = _limited_view(queue_rows, job_rows)
                 paused = {r[0] for r in queue_rows if r[1]}
                 queue_limits = {
                     r[0]: QueueLimits(r[0], r[2], rate_limit(r[3], r[4]))
@@ -367,62 +422,42 @@ class PostgresFlow(SchedulesAndLimits):
                     if r[2] is not None or r[3] is not None
                 }
                 job_limits = {r[0]: JobLimits(r[0], r[1], rate_limit(r[2], r[3])) for r in job_rows}
-                open_queues = [q for q in dict.fromkeys(queues) if q not in paused]
-                # Per queue, the jobs this claim takes: all of them in a limited queue, else the limited ones.
-                plan = {
-                    q: list(jobs) if q in queue_limits else [j for j in jobs if j in job_limits]
-                    for q in open_queues
-                }
-                plan = {q: js for q, js in plan.items() if js}
-                if not plan:
-                    return []
-                lock_jobs = sorted({j for js in plan.values() for j in js if j in job_limits})
-                lock_queues = sorted(q for q in plan if q in queue_limits)
-                keys = sorted(
-                    {lock_key("job", j) for j in lock_jobs} | {lock_key("queue", q) for q in lock_queues}
-                )
-                idle_ms = int(1000 * min(2.0, max(lease_timeout / 4, 0.2)))
-                await conn.execute(F["bound_idle"], {"idle_timeout": f"{idle_ms}ms"})
-                await conn.execute(F["lock_limits"], {"keys": keys})
                 adm = Admission(job_limits, queue_limits)
-                adm.count_running(
-                    (r[0], r[1], r[2], int(r[3]))
-                    for r in await _fetch(conn, "running_counts", {"jobs": lock_jobs, "queues": lock_queues})
-                )
-                claimed: list[tuple[Any, ...]] = []
+                adm.count_running((r[0], r[1], r[2], int(r[3])) for r in count_rows)
+
+                def covered(job: str, queue: str, key: str) -> bool:
+                    """Whether this transaction may admit the run: its queue is not paused and it holds the
+                    lock of every limit the run counts in (else the run's queue or partition is left out)."""
+                    if queue in paused or (queue in queue_limits and queue not in lock_queues):
+                        adm.closed.add(queue)
+                        stale.extend([] if queue in paused else [queue])
+                        return False
+                    if job in job_limits and job not in lock_jobs:
+                        adm.full.add(job_key(job, key))
+                        stale.append(job)
+                        return False
+                    return True
+
+                admitted = 0
                 for _ in range(MAX_ROUNDS):
-                    need = limit - len(claimed)
-                    live = [q for q in plan if q not in adm.closed]
-                    if need <= 0 or not live:
-                        break
+                    need = limit - admitted
                     rows: list[tuple[Any, ...]] = []
                     exhausted = True
-                    for q in live:
-                        arm = await _fetch(
-                            conn,
-                            "limited_candidates",
-                            {
-                                "queue": q,
-                                "jobs": plan[q],
-                                "full": sorted(adm.full),
-                                "limit": need,
-                                "now": now,
-                            },
-                        )
+                    for arm in arm_rows:
                         exhausted = exhausted and len(arm) < need
-                        rows.extend(arm)
+                        rows.extend(r for r in arm if covered(r[1], r[2], r[3]))
                     rows.sort(key=lambda r: (-r[4], r[5], r[0]))
                     missing = adm.missing_windows((r[1], r[2], r[3]) for r in rows)
                     if missing:
-                        for rk, n in await _fetch(
-                            conn,
-                            "rate_windows",
-                            {
-                                "keys": list(missing),
-                                "periods": [m.period for m in missing.values()],
-                                "now": now,
-                            },
-                        ):
+                        windows = {
+                            "keys": list(missing),
+                            "periods": [m.period for m in missing.values()],
+                            "now": now,
+                        }
+                        (window_rows,) = await sync_and_fetch(
+                            trip, await conn.execute(F["rate_windows"], windows)
+                        )
+                        for rk, n in window_rows:
                             adm.window_counts[rk] = int(n)
                     ids: list[int] = []
                     for r in rows:
@@ -430,31 +465,29 @@ class PostgresFlow(SchedulesAndLimits):
                             break
                         if adm.admit(r[1], r[2], r[3]):
                             ids.append(r[0])
-                    if ids:
-                        claimed.extend(
-                            await _fetch(
-                                conn,
-                                "claim_ids",
-                                {
-                                    "ids": ids,
-                                    "worker": worker_id,
-                                    "lease_timeout": float(lease_timeout),
-                                    "now": now,
-                                    "token": self._token,
-                                    "channels": channel_array("change"),
-                                },
-                            )
-                        )
-                    if exhausted:
+                    if ids:  # read after COMMIT
+                        claims.append(await conn.execute(F["claim_ids"], {**claim_params, "ids": ids}))
+                        admitted += len(ids)
+                    live = [q for q in plan if q not in adm.closed]
+                    if exhausted or admitted >= limit or not live:
                         break
+                    full = sorted(adm.full)
+                    arm_rows = await sync_and_fetch(
+                        trip, *[await candidates(conn, q, full, limit - admitted) for q in live]
+                    )
                 if adm.starts:
                     await conn.execute(F["rate_starts"], {"keys": adm.starts, "now": now})
-                return claimed
+            return [row for cur in claims for row in await cur.fetchall()]
 
         rows: list[tuple[Any, ...]] = await self._run(body, retry_disconnect=False)  # a claim: see _run
         if rows:
             self.notifier.notify("change")
-        return [run_from_row(r) for r in rows]
+        runs = [run_from_row(r) for r in rows]
+        if stale and again_if_stale and len(runs) < limit:  # once more, with the view just read
+            runs += await self.claim_limited(
+                worker_id, queues, jobs, limit - len(runs), lease_timeout, again_if_stale=False
+            )
+        return runs
 
     def limits_active(self) -> bool:
         seen = self._limits_seen

@@ -201,10 +201,38 @@ FROM k;
 INSERT INTO runlane_rate_starts (key, at) SELECT k, {now} FROM unnest(%(keys)s::text[]) AS k;
 
 -- name: limited_candidates
+-- Due runs of one queue in claim order, locked, leaving out what cannot be admitted now: a paused queue, a queue
+-- at its concurrency limit, job partitions at theirs (counted here, in the snapshot taken after the limit
+-- locks) and the partitions in %(full)s. A job whose unkeyed partition is left out and that has no keyed run
+-- pending (runlane_runs_keyed) is not searched at all, and with no job left the queue is not read: the search
+-- would walk every pending run of the queue to find nothing. Admission itself, rate windows included, is
+-- the caller's.
+WITH running AS MATERIALIZED (
+    SELECT job, queue, coalesce(concurrency_key, '') AS ck, count(*) AS n FROM runlane_runs
+    WHERE status = 'running' AND (job = ANY(%(jobs)s::text[]) OR queue = %(queue)s)
+    GROUP BY job, queue, ck
+), closed AS (
+    SELECT 1 FROM runlane_queues q
+    WHERE q.name = %(queue)s
+      AND (q.paused OR q.max_concurrency <= (SELECT coalesce(sum(n), 0) FROM running WHERE queue = q.name))
+), shut AS MATERIALIZED (
+    SELECT r.job || chr(31) || r.ck AS part
+    FROM running r JOIN runlane_job_limits l ON l.job = r.job AND l.max_concurrency IS NOT NULL
+    GROUP BY r.job, r.ck, l.max_concurrency
+    HAVING sum(r.n) >= l.max_concurrency
+    UNION ALL
+    SELECT unnest(%(full)s::text[])
+), searched AS MATERIALIZED (
+    SELECT j.job FROM unnest(%(jobs)s::text[]) AS j(job)
+    WHERE NOT EXISTS (SELECT 1 FROM shut WHERE shut.part = j.job || chr(31))
+       OR EXISTS (SELECT 1 FROM runlane_runs k
+                  WHERE k.status = 'pending' AND k.concurrency_key IS NOT NULL AND k.job = j.job)
+)
 SELECT id, job, queue, coalesce(concurrency_key, ''), priority, due_at FROM runlane_runs
-WHERE status = 'pending' AND queue = %(queue)s AND job = ANY(%(jobs)s::text[])
+WHERE status = 'pending' AND queue = %(queue)s AND job = ANY(ARRAY(SELECT job FROM searched))
   AND due_at <= {now} AND (not_after IS NULL OR not_after > {now})
-  AND (job || chr(31) || coalesce(concurrency_key, '')) <> ALL(%(full)s::text[])
+  AND EXISTS (SELECT 1 FROM searched) AND NOT EXISTS (SELECT 1 FROM closed)
+  AND (job || chr(31) || coalesce(concurrency_key, '')) <> ALL(ARRAY(SELECT part FROM shut))
 ORDER BY priority DESC, due_at, id
 LIMIT %(limit)s
 FOR UPDATE SKIP LOCKED;

@@ -36,7 +36,7 @@ setting makes 10^10, which would pass ``jit_above_cost`` and compile the stateme
 
 
 @contextlib.asynccontextmanager
-async def one_trip(conn: AConn) -> AsyncIterator[None]:
+async def one_trip(conn: AConn) -> AsyncIterator[psycopg.AsyncPipeline]:
     """A transaction whose BEGIN, statements and COMMIT go out in one pipeline: one round trip.
 
     psycopg's ``transaction()`` inside a pipeline nests two more pipelines, each synced on exit: three
@@ -46,16 +46,29 @@ async def one_trip(conn: AConn) -> AsyncIterator[None]:
     the queued statements sent without their COMMIT. Either way the transaction is rolled back here, as
     ``transaction()`` would, before the error propagates.
 
-    The flight's settings are ``FLIGHT_SETTINGS``.
+    The flight's settings are ``FLIGHT_SETTINGS``. A caller that must read a result before it can queue the
+    rest uses ``sync_and_fetch``: reading one without a sync would leave the transaction open on the server
+    without ever counting as idle in it (the server arms ``idle_in_transaction_session_timeout`` only at a
+    sync), so a process stopped at that moment would hold its locks until it resumed.
     """
     try:
-        async with conn.pipeline():
+        async with conn.pipeline() as pipeline:
             await conn.execute("BEGIN")
             await conn.execute(FLIGHT_SETTINGS)
-            yield
+            yield pipeline
             await conn.execute("COMMIT")
     except Exception:  # (a cancelled wait is left to the pool, which checks the connection it gets back)
         if not conn.broken and conn.info.transaction_status != pq.TransactionStatus.IDLE:
             with contextlib.suppress(psycopg.Error):
                 await conn.rollback()
         raise
+
+
+async def sync_and_fetch(
+    pipeline: psycopg.AsyncPipeline, *cursors: psycopg.AsyncCursor[Any]
+) -> list[list[Any]]:
+    """Read results inside ``one_trip`` (one trip for all of them): sync first, so that the server counts
+    the wait for the caller's next statement as idle in transaction, and ends the transaction (and its
+    locks) if the caller is stopped before it sends one."""
+    await pipeline.sync()
+    return [await cur.fetchall() for cur in cursors]
