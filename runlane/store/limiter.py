@@ -43,6 +43,18 @@ class Admission:
             self.job_running[k] = self.job_running.get(k, 0) + n
             self.queue_running[queue] = self.queue_running.get(queue, 0) + n
 
+    def unkeyed_shut(self, job: str) -> bool:
+        """Whether the job's unkeyed partition can take no run now: at its concurrency limit, or found full
+        (by either limit) earlier in this claim."""
+        if job_key(job, "") in self.full:
+            return True
+        jl = self.jobs.get(job)
+        return (
+            jl is not None
+            and jl.max_concurrency is not None
+            and self.job_running.get((job, ""), 0) >= jl.max_concurrency
+        )
+
     def rate_keys(self, job: str, queue: str, key: str) -> list[tuple[str, RateLimit]]:
         """The rate windows a run of (job, queue, key) counts in."""
         out: list[tuple[str, RateLimit]] = []

@@ -25,7 +25,7 @@ from runlane.store.flow import (
     rate_limit,
     schedule_params,
 )
-from runlane.store.limiter import Admission
+from runlane.store.limiter import Admission, job_key
 from runlane.store.sqlite import writes
 from runlane.store.sqlite.connection import Tx
 from runlane.store.sqlite.rows import run_from_row, status_data
@@ -250,10 +250,22 @@ def claim(
     claimed: list[Run] = []
     expires = now + lease_timeout
     width = writes._RUN_WIDTH
+    keyed: dict[str, bool] = {}
+
+    def searched(job: str) -> bool:
+        """Whether runs of ``job`` may still be admitted: else the arm would walk every pending run of the
+        queue to find none (runlane_runs_keyed answers whether other partitions have runs pending)."""
+        if not adm.unkeyed_shut(job):
+            return True
+        if job not in keyed:
+            keyed[job] = conn.execute(F["keyed_pending"], (job,)).fetchone() is not None
+        return keyed[job]
+
     for _ in range(MAX_ROUNDS):
         need = limit - len(claimed)
         live = [q for q in open_queues if q not in adm.closed]
-        if need <= 0 or not live:
+        arm_jobs = [j for j in jobs if searched(j)]
+        if need <= 0 or not live or not arm_jobs:
             break
         rows: list[Any] = []
         exhausted = True
@@ -261,8 +273,8 @@ def claim(
             params = {
                 "queue": queue,
                 "now": now,
-                "jobs": dumps(list(jobs)),
-                "full": dumps(sorted(adm.full)),
+                "jobs": dumps(arm_jobs),
+                "full": dumps(sorted(adm.full | {job_key(j, "") for j in arm_jobs if adm.unkeyed_shut(j)})),
                 "limit": need,
             }
             arm = conn.execute(F["limited_claim_arm"], params).fetchall()

@@ -138,6 +138,11 @@ DELETE FROM runlane_rate_starts WHERE key = ? AND at <= ?
 -- name: rate_start
 INSERT INTO runlane_rate_starts (key, at) VALUES (?, ?)
 
+-- name: keyed_pending
+SELECT 1 FROM runlane_runs INDEXED BY runlane_runs_keyed
+WHERE status = 'pending' AND concurrency_key IS NOT NULL AND job = ?
+LIMIT 1
+
 -- name: limited_claim_arm
 -- The claim arm of queries.sql, skipping runs of saturated (job, concurrency key) partitions.
 SELECT {run_columns}, last_event_id, due_at, concurrency_key FROM runlane_runs INDEXED BY runlane_runs_claim
