@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 import psycopg
 import pytest
@@ -61,7 +62,8 @@ async def test_stalled_limited_claimer_does_not_stall_other_workers(
 ) -> None:
     """Regression (found by chaos T19): a worker SIGSTOPped inside a limited claim held the limit's advisory
     lock until it resumed, so every other worker's limited claims waited for it (90 s stalls under chaos).
-    The server now ends a claim transaction left idle, releasing the lock."""
+    The server now ends a claim transaction left idle, releasing the lock. The claim is pipelined since, and
+    the server arms that timeout only at a sync: its trips end with one (T19 again, with flushes alone)."""
     import threading
     import time
 
@@ -77,15 +79,15 @@ async def test_stalled_limited_claimer_does_not_stall_other_workers(
     await app.migrate()
     await sync_app(app, await app.open_store(), "test")
     client = app.async_client
-    original = flow._fetch
     stalled = threading.Event()
     outcome: list[object] = []
 
-    async def fetch(conn: flow.AConn, name: str, params: dict[str, object]) -> list[tuple[object, ...]]:
-        if name == "running_counts" and threading.current_thread().name == "stalled-claimer":
-            stalled.set()  # stopped here, inside its transaction, holding the limit's lock
-            time.sleep(3.0)  # noqa: ASYNC251 - a stopped process: no round trip happens meanwhile
-        return await original(conn, name, params)
+    class StoppedAdmission(flow.Admission):
+        def count_running(self, rows: Iterable[tuple[str, str, str | None, int]]) -> None:
+            if threading.current_thread().name == "stalled-claimer":
+                stalled.set()  # stopped here, between its transaction's trips, holding the limit's lock
+                time.sleep(3.0)  # a stopped process: no round trip happens meanwhile
+            super().count_running(rows)
 
     def stalled_claimer() -> None:
         try:
@@ -93,7 +95,7 @@ async def test_stalled_limited_claimer_does_not_stall_other_workers(
         except StoreUnavailable as exc:
             outcome.append(exc)  # its session was ended by the server: nothing claimed, nothing held
 
-    monkeypatch.setattr(flow, "_fetch", fetch)
+    monkeypatch.setattr(flow, "Admission", StoppedAdmission)
     try:
         await client.trigger(limited)
         await client.trigger(limited)
