@@ -1,5 +1,6 @@
-"""Flow-control figures on one store: claim throughput with a concurrency limit in force versus without, and
-scheduler lag (intended fire time → start) for an every-second schedule.
+"""Flow-control figures on one store: claim throughput with a concurrency limit in force versus without, the
+cost of a claim behind a saturated limit as the backlog grows, and scheduler lag (intended fire time →
+start) for an every-second schedule.
 
     .venv/bin/python -m bench.limits --url sqlite:////tmp/limits.db
     .venv/bin/python -m bench.limits --url postgresql://postgres@127.0.0.1/bench_limits
@@ -11,15 +12,19 @@ Workers are real `runlane worker` processes. Lag is measured with the store's ti
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from bench.runlane_bench import fresh_store
 from bench.runlane_bench import workers as runlane_workers
 from runlane import RunFilter, Runlane, RunStatus
+from runlane.limits import JobLimits
+from runlane.store import Finish, create_store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,6 +76,43 @@ def drain(url: str, job: str, runs: int, processes: int, concurrency: int) -> fl
     return runs / elapsed
 
 
+def backlog_claims(url: str, pending: int, samples: int = 20) -> tuple[float, float]:
+    """p50 in ms of a claim that finds the limit saturated, and of one that fills the slots two finished
+    runs freed, with ``pending`` runs of the limited job waiting (the store's claim, in-process)."""
+    fresh(url, drain_app)
+    app = Runlane(url)
+    app.jobs.update(drain_app.jobs)
+    for start in range(0, pending, 5000):
+        app.client.trigger_many("capped", [{"n": n} for n in range(start, min(pending, start + 5000))])
+    app.close()
+
+    async def measure() -> tuple[float, float]:
+        store = create_store(url)
+        await store.open()
+        try:
+            await store.register_limits([JobLimits("capped", max_concurrency=8)], [])
+            claim = partial(store.claim, queues=["default"], jobs=["capped"], lease_timeout=60.0)
+            held = await claim("w1", limit=8)
+            saturated, filling = [], []
+            for _ in range(samples):
+                started = time.perf_counter()
+                assert await claim("w2", limit=4) == []
+                saturated.append(time.perf_counter() - started)
+            for _ in range(samples):
+                done, held = held[:2], held[2:]
+                await store.finish_attempts(
+                    [Finish(r.id, r.attempt, "succeeded") for r in done], worker_id="w1"
+                )
+                started = time.perf_counter()
+                held += await claim("w1", limit=4)
+                filling.append(time.perf_counter() - started)
+            return statistics.median(saturated) * 1000, statistics.median(filling) * 1000
+        finally:
+            await store.close()
+
+    return asyncio.run(measure())
+
+
 def lag(url: str, seconds: float, processes: int) -> tuple[float, float, int]:
     """p50 and p99 of fire → start, in ms, for an every-second schedule over ``seconds``."""
     fresh(url, cron_app)
@@ -97,12 +139,19 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--lag-seconds", type=float, default=30.0)
+    parser.add_argument("--backlog", type=int, nargs="*", default=[5_000, 50_000])
     args = parser.parse_args()
     for job in ("noop", "capped"):
         rate = drain(args.url, job, args.runs, args.processes, args.concurrency)
         label = "max_concurrency=8" if job == "capped" else "no limit"
         print(
             f"drain {args.runs} no-op runs, {args.processes}x{args.concurrency} workers, {label}: {rate:,.0f} runs/s"
+        )
+    for pending in args.backlog:
+        saturated, filling = backlog_claims(args.url, pending)
+        print(
+            f"claim behind max_concurrency=8 with {pending:,} runs pending: saturated {saturated:.2f} ms,"
+            f" filling two slots {filling:.2f} ms (p50)"
         )
     p50, p99, n = lag(args.url, args.lag_seconds, args.processes)
     print(
