@@ -380,6 +380,8 @@ class PostgresFlow(SchedulesAndLimits):
             for q in dict.fromkeys(queues)
         }
         plan = {q: js for q, js in plan.items() if js}
+        if not plan:
+            return []
         lock_jobs = sorted({j for js in plan.values() for j in js if j in limited_jobs})
         lock_queues = sorted(q for q in plan if q in limited_queues)
         keys = sorted({lock_key("job", j) for j in lock_jobs} | {lock_key("queue", q) for q in lock_queues})
