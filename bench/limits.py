@@ -127,6 +127,8 @@ def lag(url: str, seconds: float, processes: int) -> tuple[float, float, int]:
             lags.append((attempts[0].started_at - run.not_before).total_seconds() * 1000)
     app.close()
     lags.sort()
+    if not lags:
+        return float("nan"), float("nan"), 0
     return statistics.median(lags), lags[min(len(lags) - 1, int(len(lags) * 0.99))], len(lags)
 
 
