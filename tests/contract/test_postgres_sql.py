@@ -433,3 +433,30 @@ async def test_a_claim_for_limited_jobs_only_leaves_the_plain_claim_reading_noth
     assert row is not None
     scans = [n for n in plan_nodes(row[0][0]["Plan"]) if n.get("Index Name") == "runlane_runs_claim"]
     assert scans and all(n["Actual Loops"] == 0 for n in scans), scans
+
+
+@pytest.mark.parametrize("role", ["heartbeat", ""])
+async def test_the_heartbeat_finds_leases_by_key_when_statistics_saw_few_runs(
+    pg: PostgresStore, role: str
+) -> None:
+    """Regression (issue 6): the heartbeat's cached plan, made while runlane_runs was small (a fresh install,
+    or a VACUUM ANALYZE then), scanned every run on each renewal until the next ANALYZE. The heartbeat's
+    connection plans without sequential scans (and without JIT, which their disabled cost would set off);
+    a connection without those settings gets the scan, which shows the setup still provokes it."""
+    await pg.insert_runs([NewRun("a", {}) for _ in range(10)])
+    params = {"run": "{1,2}", "attempt": "{1,1}", "worker": "w", "lease_timeout": 30.0, "now": None}
+    with psycopg.connect(pg._conninfo_for(role), autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE runlane_runs")
+        with prepared(conn, "heartbeat") as explain:
+            explain(params)  # the generic plan, made while there are few runs, and cached
+            await pg.insert_runs([NewRun("a", {}) for _ in range(20000)])
+            nodes = explain(params)
+    scans = [
+        (n["Node Type"], n.get("Index Name"))
+        for n in nodes
+        if n.get("Relation Name") == "runlane_runs" and n["Node Type"] != "ModifyTable"
+    ]
+    if role:
+        assert scans == [("Index Scan", "runlane_runs_pkey")], scans
+    else:
+        assert ("Seq Scan", None) in scans, scans
