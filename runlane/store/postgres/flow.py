@@ -345,18 +345,26 @@ class PostgresFlow(SchedulesAndLimits):
         return any(q in seen[1] for q in queues) or any(j in seen[2] for j in jobs)
 
     async def claim_limited(
-        self,
-        worker_id: str,
-        queues: Sequence[str],
-        jobs: Sequence[str],
-        limit: int,
-        lease_timeout: float,
-        *,
-        again_if_stale: bool = True,
+        self, worker_id: str, queues: Sequence[str], jobs: Sequence[str], limit: int, lease_timeout: float
     ) -> list[Run]:
         """Claim runs of paused-free, limited queues and limited jobs, up to ``limit`` (see the module)."""
+        runs: list[Run] = []
+        for _ in range(2):  # a second time only with the view of what is limited that the first one read
+            claimed, stale = await self._claim_limited_once(
+                worker_id, queues, jobs, limit - len(runs), lease_timeout
+            )
+            runs += claimed
+            if not stale or len(runs) >= limit:
+                break
+        return runs
+
+    async def _claim_limited_once(
+        self, worker_id: str, queues: Sequence[str], jobs: Sequence[str], limit: int, lease_timeout: float
+    ) -> tuple[list[Run], bool]:
+        """One limit-aware claim transaction; also says whether it met a limit its cached view had not
+        planned a lock for (the view is fresh now: a second claim will take those runs)."""
         if limit <= 0 or not await self._limits_relevant(queues, jobs):
-            return []
+            return [], False
         now = self._now()
         # Nothing limited due: no transaction, no limit locks. Idle workers polling would otherwise queue for
         # those locks on every poll, and a worker woken for new work would wait its turn (chaos test T15).
@@ -371,7 +379,7 @@ class PostgresFlow(SchedulesAndLimits):
             "now": now,
         }
         if not (await self._run(lambda conn: _fetch(conn, "limited_due", due_params)))[0][0]:
-            return []
+            return [], False
 
         # What to claim and which locks to take come from the cached view; the transaction reads the limits
         # again and admits only runs whose every limit it holds the lock of (see ``covered``).
@@ -381,7 +389,7 @@ class PostgresFlow(SchedulesAndLimits):
         }
         plan = {q: js for q, js in plan.items() if js}
         if not plan:
-            return []
+            return [], False
         lock_jobs = sorted({j for js in plan.values() for j in js if j in limited_jobs})
         lock_queues = sorted(q for q in plan if q in limited_queues)
         keys = sorted({lock_key("job", j) for j in lock_jobs} | {lock_key("queue", q) for q in lock_queues})
@@ -484,12 +492,7 @@ class PostgresFlow(SchedulesAndLimits):
         rows: list[tuple[Any, ...]] = await self._run(body, retry_disconnect=False)  # a claim: see _run
         if rows:
             self.notifier.notify("change")
-        runs = [run_from_row(r) for r in rows]
-        if stale and again_if_stale and len(runs) < limit:  # once more, with the view just read
-            runs += await self.claim_limited(
-                worker_id, queues, jobs, limit - len(runs), lease_timeout, again_if_stale=False
-            )
-        return runs
+        return [run_from_row(r) for r in rows], bool(stale)
 
     def limits_active(self) -> bool:
         seen = self._limits_seen
