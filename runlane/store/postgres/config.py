@@ -14,11 +14,11 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from runlane.store.postgres.trip import KEYED_PLANNING
+
 KEYED_ROLES = frozenset({"heartbeat"})
-"""Connections whose every statement finds its rows by key (the heartbeat renews leases by run id) plan
-without sequential scans, as flights do (trip.FLIGHT_SETTINGS): a cached plan made while runlane_runs was
-small otherwise scans every run on each renewal until the next ANALYZE. No JIT either: a scan's disabled
-cost would set it off."""
+"""Connections whose every statement finds its rows by key (the heartbeat renews leases by run id): their
+sessions plan as flights do (``trip.KEYED_PLANNING``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,7 @@ class PostgresOptions:
                 f" -c idle_in_transaction_session_timeout={int(self.idle_in_transaction_timeout * 1000)}"
             )
         if role in KEYED_ROLES:
-            settings += " -c enable_seqscan=off -c jit=off"
+            settings += "".join(f" -c {name}={value}" for name, value in KEYED_PLANNING.items())
         name = f"{self.application_name}-{role}" if role else self.application_name
         return {
             "application_name": name[:63],

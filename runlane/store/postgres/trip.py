@@ -1,9 +1,4 @@
-"""Transactions that go out in one round trip (pipeline mode), and the settings flights run under.
-
-psycopg's ``transaction()`` inside a pipeline nests two more pipelines, each synced on exit; these helpers
-queue BEGIN, the statements and COMMIT themselves so that a transaction is one trip, or one per result the
-caller must read before it can go on.
-"""
+"""Transactions that go out in one round trip (pipeline mode), and how the statements in them are planned."""
 
 from __future__ import annotations
 
@@ -16,9 +11,15 @@ from psycopg import pq
 
 AConn = psycopg.AsyncConnection[Any]
 
-FLIGHT_SETTINGS = (
-    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),"
-    " set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)"
+KEYED_PLANNING = {"enable_seqscan": "off", "jit": "off"}
+"""How statements that find every row by key are planned: flights (below, for their transaction) and the
+heartbeat's connection (``config.KEYED_ROLES``, for the session). A plan cached while a table was small or
+its statistics were stale would otherwise scan the whole table on every execution until the next ANALYZE;
+and a table read whole anyway (the limits) is still scanned, at a cost the setting makes 10^10, which would
+pass ``jit_above_cost`` and compile the statement on every execution (10-70 ms, measured): no JIT either."""
+
+FLIGHT_SETTINGS = "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), " + ", ".join(
+    f"set_config('{name}', '{value}', true)" for name, value in KEYED_PLANNING.items()
 )
 """The settings of a flight's transaction.
 
@@ -26,12 +27,9 @@ Generic plans: left to choose, PostgreSQL estimates a custom plan cheaper for a 
 plans the finish and the continuations' decision again on every execution: ~0.7 ms of server CPU per flight,
 more than the flight's whole work. These statements find their rows by primary key, ``ANY(ids)`` or a partial
 index whatever the parameters, so the generic plan is the plan a custom one would pick (EXPLAINed on 320,000
-runs) -- as long as the statistics are not stale. No sequential scans: a generic plan is cached until the
-next ANALYZE, and one made from statistics that saw a table empty (a VACUUM ANALYZE right after ``migrate``)
-scanned every attempt in each flight until autovacuum came back, a minute or more later. Nothing a flight
-reads is found by scanning a table; a small table read whole (the limits) is still scanned, at a cost the
-setting makes 10^10, which would pass ``jit_above_cost`` and compile the statement on every execution
-(10-70 ms, measured on the limit-aware claim): no JIT in a flight.
+runs) -- as long as the statistics are not stale. Then ``KEYED_PLANNING``: a generic plan made from
+statistics that saw a table empty (a VACUUM ANALYZE right after ``migrate``) scanned every attempt in each
+flight until autovacuum came back, a minute or more later; nothing a flight reads is found by scanning.
 """
 
 
